@@ -1,0 +1,1 @@
+"""The kvmesh gateway: prefix-aware routing of kvmesh.v1.Inference traffic."""
