@@ -15,7 +15,7 @@ python3 -m venv --system-site-packages "$venv"
 "$venv/bin/python" - <<'PY'
 import collections, operator, sys
 assert hasattr(operator, "itemgetter"), f"stdlib operator shadowed by {operator.__file__}"
-import kvmesh, kvmesh.prefix  # noqa: E401
+import kvmesh
 for name in ("kvmesh.worker", "kvmesh.gateway", "kvmesh.operator"):
     __import__(name)
 print("packaging ok:", kvmesh.__file__)
