@@ -17,4 +17,4 @@ _repo_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_repo_root, "pyproject.toml")) and _os.path.isdir(
     _os.path.join(_repo_root, "worker")
 ):
-    __path__.append(_repo_root)  # type: ignore[name-defined]  # noqa: F821
+    __path__.append(_repo_root)  # type: ignore[name-defined]

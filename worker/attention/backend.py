@@ -13,14 +13,22 @@ class AttentionBackend(Protocol):
     name: str
 
     def write_kv(
-        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
         """Scatter this step's keys/values ``[T, Hkv, D]`` into the paged cache."""
 
     def forward(
-        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        meta: AttentionMetadata, scale: float,
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         """Causal attention of ``query [T, H, D]`` over the paged cache; returns ``[T, H, D]``.
 
