@@ -1,0 +1,61 @@
+"""What the engine hands back to its callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One streamed delta of a request; the last one has ``finished`` set."""
+
+    request_id: str
+    text: str  # new text since the previous delta, whole UTF-8 characters only
+    token_ids: list[int]  # new token ids since the previous delta
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """A whole generation, from the offline ``LLM.generate``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class LoadStats:
+    running: int
+    waiting: int
+    kv_usage: float  # fraction of blocks held by live sequences
+    num_blocks: int
+    block_size: int
+
+
+@dataclass(slots=True)
+class BlockEvent:
+    """Prefix-cache changes: chained block hashes (kvmesh.prefix) stored and removed."""
+
+    stored: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    snapshot: bool = False  # stored lists every cached block
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Cumulative counters since start, for metrics."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # prompt tokens found cached
+    preemptions: int = 0
+    finished_requests: int = 0
