@@ -1,0 +1,225 @@
+"""RedisStore and the worker Reporter against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from kvmesh.prefix import block_hashes
+from kvmesh.store import StoreError, WorkerInfo
+from kvmesh.store.redis_store import RedisStore
+from kvmesh.worker.engine.outputs import BlockEvent, LoadStats
+from kvmesh.worker.reporter import Reporter
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+class EngineEvents:
+    """The two calls the reporter makes on an engine (``load``, ``subscribe_blocks``), over a set."""
+
+    def __init__(self) -> None:
+        self.blocks: set[int] = set()
+        self.running = 0
+        self.subscriptions: list[_Subscription] = []
+
+    def load(self) -> LoadStats:
+        return LoadStats(running=self.running, waiting=0, kv_usage=0.25, num_blocks=64, block_size=16)
+
+    def subscribe_blocks(self) -> _Subscription:
+        sub = _Subscription(self)
+        sub.queue.put_nowait(BlockEvent(stored=sorted(self.blocks), snapshot=True))
+        self.subscriptions.append(sub)
+        return sub
+
+    def store(self, hashes: list[int]) -> None:
+        self.blocks.update(hashes)
+        self._emit(BlockEvent(stored=list(hashes)))
+
+    def evict(self, hashes: list[int]) -> None:
+        self.blocks.difference_update(hashes)
+        self._emit(BlockEvent(removed=list(hashes)))
+
+    def _emit(self, event: BlockEvent) -> None:
+        for sub in self.subscriptions:
+            sub.queue.put_nowait(event)
+
+
+class _Subscription:
+    def __init__(self, engine: EngineEvents) -> None:
+        self.engine = engine
+        self.queue: asyncio.Queue[BlockEvent] = asyncio.Queue()
+
+    def __aiter__(self) -> _Subscription:
+        return self
+
+    async def __anext__(self) -> BlockEvent:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        if self in self.engine.subscriptions:
+            self.engine.subscriptions.remove(self)
+
+
+async def eventually(check, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = await check()
+            if result:
+                return result
+        except StoreError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def prompt_hashes(n_blocks: int, salt: str = "") -> list[int]:
+    return block_hashes(list(range(1000, 1000 + 16 * n_blocks)), 16, model="m", cache_salt=salt)
+
+
+async def test_registry_keys_and_expiry(redis_server):
+    store = RedisStore(redis_server.url, "dep-a")
+    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        info = WorkerInfo("w1", "127.0.0.1:1", model="m", running=3, waiting=2, kv_usage=0.5)
+        assert await store.upsert_worker(info, ttl_s=0.5) is False  # first registration
+        assert await store.upsert_worker(info, ttl_s=0.5) is True
+        # The keys the operator's autoscaler reads.
+        fields = await raw.hgetall("kvmesh:{dep-a}:worker:w1")
+        assert (fields["running"], fields["waiting"], float(fields["kv_usage"])) == ("3", "2", 0.5)
+        assert abs(float(fields["heartbeat"]) - time.time()) < 5
+        assert 0 < await raw.pttl("kvmesh:{dep-a}:worker:w1") <= 500
+        assert await raw.smembers("kvmesh:{dep-a}:workers") == {"w1"}
+        assert [w.worker_id for w in await store.list_workers()] == ["w1"]
+        await asyncio.sleep(0.7)
+        assert await store.list_workers() == []
+        assert await raw.smembers("kvmesh:{dep-a}:workers") == set()  # pruned by the lookup
+        # Another deployment is invisible.
+        other = RedisStore(redis_server.url, "dep-b")
+        await other.upsert_worker(WorkerInfo("w9", "x"))
+        assert await store.list_workers() == []
+        await other.close()
+    finally:
+        await store.close()
+        await raw.aclose()
+
+
+async def test_prefix_index_longest_leading_run(redis_server):
+    store = RedisStore(redis_server.url, "d")
+    try:
+        hashes = prompt_hashes(6)
+        for w in ("a", "b", "c"):
+            await store.upsert_worker(WorkerInfo(w, f"{w}:1"))
+        await store.apply_blocks("a", hashes[:2], [])
+        await store.apply_blocks("b", hashes[:5], [])
+        await store.apply_blocks("c", hashes[1:6], [])  # lacks block 0: no leading run
+        view = await store.lookup(hashes)
+        assert [w.worker_id for w in view.workers] == ["a", "b", "c"]
+        assert view.matches == {"a": 2, "b": 5}
+        await store.apply_blocks("b", [], [hashes[2]])  # evicted in the middle
+        assert (await store.lookup(hashes)).matches == {"a": 2, "b": 2}
+        await store.apply_blocks("b", [hashes[0]], [], snapshot=True)  # snapshot replaces
+        assert (await store.lookup(hashes)).matches == {"a": 2, "b": 1}
+        await store.remove_worker("a")
+        assert (await store.lookup(hashes)).matches == {"b": 1}
+    finally:
+        await store.close()
+
+
+async def test_route_entries_are_approximate_and_expire(redis_server):
+    store = RedisStore(redis_server.url, "d")
+    try:
+        hashes = prompt_hashes(4)
+        await store.upsert_worker(WorkerInfo("a", "a:1"))
+        await store.upsert_worker(WorkerInfo("b", "b:1"))
+        await store.apply_blocks("a", hashes[:1], [])
+        await store.record_route("a", hashes, ttl_s=0.3)
+        await store.record_route("b", hashes[:3], ttl_s=0.3)
+        assert (await store.lookup(hashes)).matches == {"a": 4, "b": 3}
+        await asyncio.sleep(0.45)
+        # The routed entries expired; the worker-reported one stays.
+        assert (await store.lookup(hashes)).matches == {"a": 1}
+    finally:
+        await store.close()
+
+
+async def test_reporter_publishes_load_and_block_events(redis_server):
+    engine = EngineEvents()
+    hashes = prompt_hashes(4)
+    engine.blocks.update(hashes[:1])
+    reporter = Reporter(engine, redis_server.url, "d", "w1", "127.0.0.1:5000", "m", heartbeat_s=0.1)
+    store = RedisStore(redis_server.url, "d")
+    task = asyncio.create_task(reporter.run())
+    try:
+        view = await eventually(lambda: _view_with(store, hashes, {"w1": 1}))
+        assert view.workers[0].address == "127.0.0.1:5000" and view.workers[0].num_blocks == 64
+        engine.store(hashes[1:3])
+        await eventually(lambda: _view_with(store, hashes, {"w1": 3}))
+        engine.running = 7
+        await eventually(lambda: _load_is(store, 7))
+        engine.evict(hashes[:1])
+        await eventually(lambda: _view_with(store, hashes, {}))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await reporter.close()
+    assert await store.list_workers() == []  # close() deregistered
+    assert (await store.lookup(hashes)).matches == {}
+    await store.close()
+
+
+async def test_redis_restart_mid_traffic(redis_server):
+    """Redis dies and comes back empty while lookups run: lookups fail only with StoreError, and
+    the reporter re-registers the worker and resends its blocks without anyone's help."""
+    engine = EngineEvents()
+    hashes = prompt_hashes(4)
+    engine.blocks.update(hashes)
+    reporter = Reporter(engine, redis_server.url, "d", "w1", "127.0.0.1:5000", "m", heartbeat_s=0.1)
+    store = RedisStore(redis_server.url, "d")
+    task = asyncio.create_task(reporter.run())
+    outcomes: list[str] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        while not stop.is_set():
+            try:
+                view = await store.lookup(hashes)
+                outcomes.append("hit" if view.matches.get("w1") == 4 else "miss")
+            except StoreError:
+                outcomes.append("error")
+            await asyncio.sleep(0.02)
+
+    traffic_task = asyncio.create_task(traffic())
+    try:
+        await eventually(lambda: _view_with(store, hashes, {"w1": 4}))
+        await asyncio.to_thread(redis_server.restart)
+        await asyncio.sleep(0.1)
+        engine.store(prompt_hashes(2, salt="after"))  # an event during the outage
+        await eventually(lambda: _view_with(store, hashes, {"w1": 4}), timeout_s=15)
+        after = prompt_hashes(2, salt="after")
+        assert (await store.lookup(after)).matches == {"w1": 2}
+        survived = not task.done()
+    finally:
+        stop.set()
+        await traffic_task
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await reporter.close()
+        await store.close()
+    assert survived, "the reporter's run() ended instead of reconnecting"
+    assert outcomes[-1] == "hit" and "hit" in outcomes[:5]
+    assert set(outcomes) & {"error", "miss"}, "the outage was not observed"
+
+
+async def _view_with(store: RedisStore, hashes: list[int], matches: dict[str, int]):
+    view = await store.lookup(hashes)
+    return view if (view.workers and view.matches == matches) else None
+
+
+async def _load_is(store: RedisStore, running: int) -> bool:
+    workers = await store.list_workers()
+    return bool(workers) and workers[0].running == running

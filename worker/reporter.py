@@ -1,0 +1,115 @@
+"""Publishes one worker's load and prefix-cache block events to the Redis metadata store.
+
+Started by the worker server when ``--redis-url`` is given. Heartbeats (load + address) keep the
+worker in the registry; block events keep the prefix index precise. When Redis is unreachable the
+reporter drops its block subscription and retries with backoff; after reconnecting it subscribes
+again, and the engine's first event (a snapshot) resynchronizes the index. A heartbeat that finds
+its registry entry gone (expired, or Redis restarted empty) triggers the same resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from kvmesh.store.base import WORKER_TTL_S, StoreError, WorkerInfo
+from kvmesh.store.redis_store import RedisStore
+
+log = logging.getLogger(__name__)
+
+
+class _Resync(Exception):
+    """The registry lost this worker; restart the block subscription for a fresh snapshot."""
+
+
+class Reporter:
+    def __init__(
+        self,
+        engine: Any,
+        redis_url: str,
+        deployment: str,
+        worker_id: str,
+        address: str,
+        model: str,
+        heartbeat_s: float = 1.0,
+        ttl_s: float = WORKER_TTL_S,
+    ) -> None:
+        self.engine = engine
+        self.store = RedisStore(redis_url, deployment)
+        self.worker_id = worker_id
+        self.address = address
+        self.model = model
+        self.heartbeat_s = heartbeat_s
+        self.ttl_s = ttl_s
+        self.connected = False
+
+    async def run(self) -> None:
+        """Reports until cancelled, reconnecting with backoff whenever Redis fails."""
+        backoff = 0.2
+        while True:
+            try:
+                await self._session()
+            except (StoreError, _Resync) as e:
+                if self.connected:
+                    log.warning("Lost the metadata store; reconnecting", extra={"error": str(e)})
+                    backoff = 0.2
+                self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def close(self) -> None:
+        """Deregisters the worker (best effort) and closes the connection."""
+        with contextlib.suppress(StoreError):
+            await self.store.remove_worker(self.worker_id)
+        await self.store.close()
+
+    async def _session(self) -> None:
+        await self._heartbeat()  # raises StoreError while Redis is down
+        self.connected = True
+        log.info("Registered worker in the metadata store", extra={"worker_id": self.worker_id})
+        subscription = self.engine.subscribe_blocks()
+        events = asyncio.ensure_future(self._forward_blocks(subscription))
+        beats = asyncio.ensure_future(self._heartbeats())
+        try:
+            done, _ = await asyncio.wait({events, beats}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in (events, beats):
+                task.cancel()
+            await asyncio.gather(events, beats, return_exceptions=True)
+            close = getattr(subscription, "close", None)
+            if close is not None:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            if not await self._heartbeat():
+                raise _Resync("registry entry was missing")
+
+    async def _heartbeat(self) -> bool:
+        stats = self.engine.load()
+        if asyncio.iscoroutine(stats):
+            stats = await stats
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            address=self.address,
+            model=self.model,
+            block_size=stats.block_size,
+            running=stats.running,
+            waiting=stats.waiting,
+            kv_usage=stats.kv_usage,
+            num_blocks=stats.num_blocks,
+            heartbeat=time.time(),
+        )
+        return await self.store.upsert_worker(info, self.ttl_s)
+
+    async def _forward_blocks(self, subscription: Any) -> None:
+        async for event in subscription:
+            await self.store.apply_blocks(self.worker_id, event.stored, event.removed, event.snapshot)
