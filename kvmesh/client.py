@@ -1,0 +1,206 @@
+"""``kvmesh generate``: stream a completion from a gateway or a worker.
+
+Also a small async API for tests and benchmarks::
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        result = await generate(channel, build_request("Hello", max_tokens=16, temperature=0))
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvmesh.v1 import inference_pb2, inference_pb2_grpc
+
+DEFAULT_TARGET = os.environ.get("KVMESH_TARGET", "127.0.0.1:50051")
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_UNSPECIFIED: "",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    token_ids: list[int] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
+    ignore_eos: bool = False,
+    model: str = "",
+    request_id: str = "",
+    priority: int = 0,
+    cache_salt: str = "",
+) -> inference_pb2.GenerateRequest:
+    """One GenerateRequest from exactly one of prompt, messages or token_ids; None leaves a field unset."""
+    request = inference_pb2.GenerateRequest(
+        model=model, request_id=request_id, priority=priority, cache_salt=cache_salt
+    )
+    if messages is not None:
+        request.chat.messages.extend(inference_pb2.ChatMessage(**m) for m in messages)
+    elif token_ids is not None:
+        request.token_ids.SetInParent()
+        request.token_ids.ids.extend(token_ids)
+    elif prompt is not None:
+        request.text = prompt
+    sampling = request.sampling
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("top_k", top_k),
+        ("seed", seed),
+    ):
+        if value is not None:
+            setattr(sampling, name, value)
+    sampling.stop.extend(stop or [])
+    sampling.stop_token_ids.extend(stop_token_ids or [])
+    sampling.ignore_eos = ignore_eos
+    return request
+
+
+@dataclass(slots=True)
+class GenerateResult:
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    worker_id: str = ""
+    deltas: int = 0  # messages received
+    ttft: float | None = None  # seconds to the first token
+    latency: float = 0.0  # seconds to the final message
+
+
+async def stream(
+    channel: grpc.aio.Channel, request: inference_pb2.GenerateRequest, timeout: float | None = None
+) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    """The raw response stream; closing the iterator early cancels the call."""
+    call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=timeout)
+    try:
+        async for response in call:
+            yield response
+    finally:
+        call.cancel()  # no-op once the call has finished
+
+
+async def generate(
+    channel: grpc.aio.Channel,
+    request: inference_pb2.GenerateRequest,
+    timeout: float | None = None,
+    on_delta: Callable[[inference_pb2.GenerateResponse], None] | None = None,
+) -> GenerateResult:
+    """Runs one request to completion; raises grpc.aio.AioRpcError on an error status."""
+    result = GenerateResult()
+    start = time.perf_counter()
+    async for response in stream(channel, request, timeout):
+        result.deltas += 1
+        result.request_id = response.request_id or result.request_id
+        if response.token_ids and result.ttft is None:
+            result.ttft = time.perf_counter() - start
+        result.text += response.text
+        result.token_ids.extend(response.token_ids)
+        if on_delta is not None:
+            on_delta(response)
+        if response.finish_reason:
+            result.finish_reason = FINISH_REASONS.get(response.finish_reason, str(response.finish_reason))
+            result.prompt_tokens = response.usage.prompt_tokens
+            result.completion_tokens = response.usage.completion_tokens
+            result.cached_tokens = response.usage.cached_tokens
+            result.worker_id = response.worker_id
+    result.latency = time.perf_counter() - start
+    return result
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"gateway or worker host:port ({DEFAULT_TARGET})"
+    )
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    parser.add_argument("--system", default=None, help="system message for --chat")
+    parser.add_argument("--model", default="", help="model name (default: the served model)")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--cache-salt", default="")
+    parser.add_argument("--request-id", default="")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def request_from_args(args: argparse.Namespace, prompt: str) -> inference_pb2.GenerateRequest:
+    messages = None
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+    return build_request(
+        None if args.chat else prompt,
+        messages=messages,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        model=args.model,
+        request_id=args.request_id,
+        cache_salt=args.cache_salt,
+    )
+
+
+_wrote_text = False
+
+
+async def _run(args: argparse.Namespace, request: inference_pb2.GenerateRequest) -> GenerateResult:
+    def write(response: inference_pb2.GenerateResponse) -> None:
+        global _wrote_text
+        _wrote_text = _wrote_text or bool(response.text)
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        return await generate(channel, request, args.timeout, on_delta=write)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        result = asyncio.run(_run(args, request_from_args(args, prompt)))
+    except grpc.aio.AioRpcError as e:
+        if _wrote_text:
+            sys.stdout.write("\n")
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    sys.stdout.write("\n")
+    ttft = f"{result.ttft:.3f}s" if result.ttft is not None else "-"
+    print(
+        f"[finish={result.finish_reason} prompt_tokens={result.prompt_tokens} "
+        f"completion_tokens={result.completion_tokens} cached_tokens={result.cached_tokens} "
+        f"worker={result.worker_id} ttft={ttft} latency={result.latency:.3f}s]",
+        file=sys.stderr,
+    )
+    return 0

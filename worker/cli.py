@@ -1,0 +1,96 @@
+"""``kvmesh worker``: serve one model replica over gRPC.
+
+Engine flags default to None and only flags given on the command line reach
+EngineConfig, so the engine's dataclass stays the one source of its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+# flag -> (EngineConfig field, type, help). Omitted flags keep EngineConfig's default.
+ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--served-model-name": ("served_model_name", str, "name clients use (default: derived from --model)"),
+    "--dtype": ("dtype", str, "weights and activations dtype: auto, float16, bfloat16, float32"),
+    "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
+    "--block-size": ("block_size", int, "tokens per KV-cache block (default 16)"),
+    "--num-blocks": ("num_blocks", int, "KV-cache blocks (default: sized from --gpu-memory-utilization)"),
+    "--max-num-seqs": ("max_num_seqs", int, "most sequences in one batch (default 64)"),
+    "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget per step (default 2048)"),
+    "--max-model-len": ("max_model_len", int, "context length (default: the model's)"),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float, "GPU memory fraction to use (default 0.9)"),
+    "--tensor-parallel-size": ("tensor_parallel_size", int, "GPUs per replica (default 1)"),
+    "--attention-backend": ("attention_backend", str, "auto, torch, triton or flash_attn"),
+    "--max-waiting": ("max_waiting", int, "waiting requests before RESOURCE_EXHAUSTED (default 1024)"),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="default", help="HF directory, .gguf file, or 'default' (SmolLM2-135M)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--worker-id", default=None, help="worker identity (default: hostname-pid)")
+    parser.add_argument("--advertise-address", default="", help="host:port gateways dial (default host:port)")
+    parser.add_argument("--deployment", default="default", help="deployment this worker belongs to")
+    parser.add_argument("--redis-url", default="", help="register and report load to this Redis")
+    parser.add_argument(
+        "--shutdown-grace", type=float, default=25.0, help="seconds in-flight requests get on SIGTERM"
+    )
+    for flag, (_, kind, help_text) in ENGINE_FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help=help_text)
+    parser.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    kwargs: dict[str, object] = {"model": args.model}
+    for flag, (field, _, _) in ENGINE_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            kwargs[field] = value
+    if args.no_prefix_caching:
+        kwargs["enable_prefix_caching"] = False
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
+    return kwargs
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    for noisy in ("grpc", "asyncio"):  # their DEBUG output drowns the worker's own
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    # Imported here: `kvmesh worker --help` should not pay for torch.
+    from kvmesh.worker.engine.async_engine import AsyncEngine
+    from kvmesh.worker.engine.config import EngineConfig
+    from kvmesh.worker.server import ServerOptions, serve
+
+    config = EngineConfig(**engine_kwargs(args))
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        worker_id=args.worker_id or f"{socket.gethostname()}-{os.getpid()}",
+        advertise_address=args.advertise_address,
+        deployment=args.deployment,
+        redis_url=args.redis_url,
+        metrics_port=args.metrics_port,
+        shutdown_grace=args.shutdown_grace,
+    )
+    return asyncio.run(serve(options, lambda: AsyncEngine(config)))
