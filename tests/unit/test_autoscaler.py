@@ -19,7 +19,9 @@ POLICY = AutoscalingPolicy(
 
 
 def load(t: float, workers: int, inflight: int, kv: float = 0.0) -> LoadSnapshot:
-    return LoadSnapshot(time=t, workers=workers, running=inflight // 2, waiting=inflight - inflight // 2, kv_usage=kv)
+    return LoadSnapshot(
+        time=t, workers=workers, running=inflight // 2, waiting=inflight - inflight // 2, kv_usage=kv
+    )
 
 
 def steady(current: int, inflight: int, start: float, end: float, step: float = 10.0) -> list[LoadSnapshot]:
@@ -32,7 +34,7 @@ def steady(current: int, inflight: int, start: float, end: float, step: float = 
 
 def test_recommendation_is_total_load_over_target() -> None:
     assert recommend(2, load(0, 2, 48), POLICY) == 6  # 48 in flight / 8 per replica
-    assert recommend(2, load(0, 2, 17), POLICY) == 3
+    assert recommend(2, load(0, 2, 19), POLICY) == 3
     assert recommend(2, load(0, 2, 0), POLICY) == 1  # min
 
 
@@ -69,7 +71,7 @@ def test_scale_up_window_ignores_a_short_spike() -> None:
     samples = [*steady(2, 16, 0, 100), load(110, 2, 80)]  # one spike sample
     assert decide(2, samples, policy, now=110).desired == 2
     sustained = [*steady(2, 16, 0, 40), *steady(2, 80, 50, 120)]  # high for a whole minute
-    assert decide(2, sustained, policy, now=120).desired == 4  # doubled, then more next step
+    assert decide(2, sustained, policy, now=120).desired == 6  # wants 10: +4 this step, more next
 
 
 def test_scale_down_waits_for_its_window() -> None:

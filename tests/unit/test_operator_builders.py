@@ -35,7 +35,9 @@ def env_of(container: dict) -> dict:
 
 def test_chart_crd_is_generated_from_the_python_schema() -> None:
     on_disk = yaml.safe_load(CRD_FILE.read_text())
-    assert on_disk == crd.crd_manifest(), "stale CRD: run `python -m kvmesh.operator.crd > " + str(CRD_FILE) + "`"
+    assert on_disk == crd.crd_manifest(), (
+        "stale CRD: run `python -m kvmesh.operator.crd > " + str(CRD_FILE) + "`"
+    )
 
 
 def test_crd_has_scale_and_status_subresources_and_printer_columns() -> None:
@@ -153,7 +155,9 @@ def test_redis_url_from_operator_default_secret_or_spec() -> None:
     assert plain == {"name": "KVMESH_REDIS_URL", "value": "redis://r:6379/0"}
     secret_config = OperatorConfig(redis_secret_name="kvmesh-redis-url", redis_secret_key="url")
     env = env_of(worker(builders.build_worker_deployment(OWNER, spec(), secret_config)))
-    assert env["KVMESH_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "kvmesh-redis-url", "key": "url"}}
+    assert env["KVMESH_REDIS_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "kvmesh-redis-url", "key": "url"}
+    }
     own = spec(redis={"urlSecretRef": {"name": "mine", "key": "u"}})
     env = env_of(worker(builders.build_worker_deployment(OWNER, own, secret_config)))
     assert env["KVMESH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "u"}
@@ -201,7 +205,9 @@ def test_unknown_model_scheme_is_an_error() -> None:
 
 
 def test_user_env_overrides_builtin_env() -> None:
-    s = spec(env=[{"name": "KVMESH_REDIS_URL", "value": "redis://other:1/0"}, {"name": "HF_TOKEN", "value": "t"}])
+    s = spec(
+        env=[{"name": "KVMESH_REDIS_URL", "value": "redis://other:1/0"}, {"name": "HF_TOKEN", "value": "t"}]
+    )
     env = worker(builders.build_worker_deployment(OWNER, s, CONFIG))["env"]
     redis = [e for e in env if e["name"] == "KVMESH_REDIS_URL"]
     assert redis == [{"name": "KVMESH_REDIS_URL", "value": "redis://other:1/0"}]
@@ -231,7 +237,9 @@ def test_engine_change_changes_config_hash_and_so_rolls_out() -> None:
     assert a[builders.CONFIG_HASH_ANNOTATION] != b_ann[builders.CONFIG_HASH_ANNOTATION]
     # Replicas are not configuration: scaling must not restart the pods.
     c = builders.build_worker_deployment(OWNER, spec(replicas=5), CONFIG)
-    assert c["spec"]["template"] == builders.build_worker_deployment(OWNER, spec(), CONFIG)["spec"]["template"]
+    assert (
+        c["spec"]["template"] == builders.build_worker_deployment(OWNER, spec(), CONFIG)["spec"]["template"]
+    )
     assert c["spec"]["replicas"] == 5
 
 
@@ -287,7 +295,10 @@ def test_configmap_resolves_routing_block_size_and_gateway_args() -> None:
 
 
 def test_selector_string_matches_the_labels() -> None:
-    assert builders.selector_string("llama") == "app.kubernetes.io/instance=llama,app.kubernetes.io/name=kvmesh-worker"
+    assert (
+        builders.selector_string("llama")
+        == "app.kubernetes.io/instance=llama,app.kubernetes.io/name=kvmesh-worker"
+    )
 
 
 def test_samples_are_valid_against_the_builders() -> None:
@@ -326,7 +337,11 @@ def test_status_all_ready() -> None:
 
 def test_status_rolling_out_and_not_ready() -> None:
     dep = deployment_state(generation=2, observed=1, replicas=1)
-    c = conditions(status.compute_status(generation=1, desired=1, selector="", endpoint="", deployment=dep, previous=None))
+    c = conditions(
+        status.compute_status(
+            generation=1, desired=1, selector="", endpoint="", deployment=dep, previous=None
+        )
+    )
     assert (c["Progressing"]["status"], c["Progressing"]["reason"]) == ("True", "RollingOut")
     assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", "NoReplicasReady")
 
@@ -336,7 +351,11 @@ def test_status_degraded_on_progress_deadline() -> None:
     dep["status"]["conditions"] = [
         {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "slow"}
     ]
-    c = conditions(status.compute_status(generation=1, desired=1, selector="", endpoint="", deployment=dep, previous=None))
+    c = conditions(
+        status.compute_status(
+            generation=1, desired=1, selector="", endpoint="", deployment=dep, previous=None
+        )
+    )
     assert (c["Degraded"]["status"], c["Degraded"]["reason"]) == ("True", "ProgressDeadlineExceeded")
     assert c["Progressing"]["status"] == "False"
 
@@ -365,11 +384,17 @@ def test_last_transition_time_changes_only_when_status_flips() -> None:
     flipped = status.compute_status(**kw, deployment=ready, previous=same, now="T3")
     assert conditions(flipped)["Ready"]["lastTransitionTime"] == "T3"
     assert conditions(flipped)["Degraded"]["lastTransitionTime"] == "T1"  # stayed False
-    assert not status.changed(flipped, status.compute_status(**kw, deployment=ready, previous=flipped, now="T4"))
+    assert not status.changed(
+        flipped, status.compute_status(**kw, deployment=ready, previous=flipped, now="T4")
+    )
 
 
 def test_scaled_to_zero_is_not_ready() -> None:
     dep = deployment_state()
-    c = conditions(status.compute_status(generation=1, desired=0, selector="", endpoint="", deployment=dep, previous=None))
+    c = conditions(
+        status.compute_status(
+            generation=1, desired=0, selector="", endpoint="", deployment=dep, previous=None
+        )
+    )
     assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", "ScaledToZero")
     assert c["Progressing"]["reason"] == "Complete"
