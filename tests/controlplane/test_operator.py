@@ -1,0 +1,523 @@
+"""The operator against a real kube-apiserver + controller-manager: CRD validation, children, status,
+scaling, drift repair, autoscaling from a real redis-server, and garbage collection on deletion."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kvmesh.operator import builders, crd
+
+from .cluster import free_port
+
+pytestmark = pytest.mark.controlplane
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "deploy" / "helm" / "kvmesh" / "crds" / "inferencedeployments.kvmesh.io.yaml"
+SAMPLES = REPO / "deploy" / "samples"
+WORKER_IMAGE = "registry.test/kvmesh-worker:9.9.9"
+NAMESPACE = "kvmesh-optest"
+RESYNC = 1.5
+
+
+class OperatorProcess:
+    """`kvmesh operator` as a real process with a kubeconfig; stopped (TERM, then KILL) by stop()."""
+
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.health_port = free_port()
+        self.log_path = log_path
+        cmd = [
+            sys.executable, "-m", "kvmesh.cli", "operator",
+            f"--kubeconfig={kubeconfig}",
+            "--standalone",
+            f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
+            f"--resync-seconds={RESYNC}",
+            f"--worker-image={WORKER_IMAGE}",
+            "--log-format=plain",
+            *args,
+        ]  # fmt: skip
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {}), "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"},
+        )
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"operator not healthy after {timeout}s:\n{self.log()[-4000:]}")
+            time.sleep(0.3)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait)
+        self._log.close()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        import redis
+
+        self.client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+
+    def report(self, deployment: str, workers: dict[str, tuple[int, int, float]], ttl: int = 30) -> None:
+        """Write worker load the way workers do: hash per worker with a TTL, plus the member set."""
+        now = time.time()
+        pipe = self.client.pipeline()
+        for worker_id, (running, waiting, kv) in workers.items():
+            key = f"kvmesh:{{{deployment}}}:worker:{worker_id}"
+            pipe.hset(key, mapping={"running": running, "waiting": waiting, "kv_usage": kv, "heartbeat": now})
+            pipe.expire(key, ttl)
+            pipe.sadd(f"kvmesh:{{{deployment}}}:workers", worker_id)
+        pipe.execute()
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def get(kube: Any, *args: str, namespace: str = NAMESPACE) -> dict | None:
+    done = kube.kubectl("get", *args, "-n", namespace, "-o", "json", check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def condition(obj: dict | None, kind: str) -> dict:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == kind:
+            return cond
+    return {}
+
+
+def inference_deployment(name: str, **spec: Any) -> dict:
+    body = {"model": {"source": "hostpath:///srv/models/smollm2"}, "resources": {"gpus": 0}, **spec}
+    return {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": body,
+    }
+
+
+def install_crd(kube: Any) -> None:
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    kube.kubectl("wait", "--for=condition=Established", f"crd/{crd.PLURAL}.{crd.GROUP}", "--timeout=60s")
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(kube: Any) -> Any:
+    install_crd(kube)
+    if kube.kubectl("get", "namespace", NAMESPACE, check=False).returncode != 0:
+        kube.kubectl("create", "namespace", NAMESPACE)
+    return kube
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Any, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    proc = OperatorProcess(
+        cluster.kubeconfig, log, f"--namespace={NAMESPACE}", f"--redis-url={redis_server.url}"
+    )
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()
+        print(proc.log()[-6000:])
+
+
+# ---- the API server validates ---------------------------------------------------------------------
+
+
+INVALID = [
+    (
+        "bad-range",
+        {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+        "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas",
+    ),
+    ("bad-tp", {"resources": {"gpus": 4}, "engine": {"tensorParallelSize": 3}}, "must divide resources.gpus"),
+    ("bad-scheme", {"model": {"source": "s3://bucket/model"}}, "model.source must start with hf://"),
+    (
+        "bad-block",
+        {"engine": {"blockSize": 16}, "routing": {"blockSize": 32}},
+        "routing.blockSize must equal",
+    ),
+    ("bad-replicas", {"replicas": -1}, "spec.replicas"),
+    ("bad-policy", {"routing": {"policy": "random"}}, "Unsupported value"),
+]
+
+
+@pytest.mark.parametrize(("name", "spec", "message"), INVALID, ids=[i[0] for i in INVALID])
+def test_api_server_rejects_invalid_resources(cluster: Any, name: str, spec: dict, message: str) -> None:
+    obj = inference_deployment(name, **spec)
+    done = cluster.kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
+    assert done.returncode != 0, done.stdout
+    assert message in done.stderr, done.stderr
+    assert get(cluster, crd.PLURAL, name) is None
+
+
+def test_api_server_rejects_missing_model(cluster: Any) -> None:
+    obj = inference_deployment("no-model")
+    del obj["spec"]["model"]
+    done = cluster.kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
+    assert done.returncode != 0
+    assert "spec.model: Required value" in done.stderr, done.stderr
+
+
+def test_api_server_applies_defaults(cluster: Any) -> None:
+    obj = inference_deployment("defaults-only")
+    out = json.loads(
+        cluster.kubectl("apply", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(obj)).stdout
+    )
+    assert out["spec"]["replicas"] == 1
+    assert out["spec"]["engine"]["blockSize"] == 16 and out["spec"]["engine"]["dtype"] == "auto"
+    assert out["spec"]["autoscaling"] == crd.apply_defaults(obj["spec"])["autoscaling"]
+    assert out["spec"] == crd.apply_defaults(obj["spec"])  # the operator's defaulting agrees with the server
+
+
+def test_samples_are_accepted(cluster: Any) -> None:
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        cluster.kubectl("apply", "--dry-run=server", "-n", NAMESPACE, "-f", str(path))
+
+
+# ---- the operator reconciles ----------------------------------------------------------------------
+
+
+def test_children_are_created_with_spec_and_owner_references(cluster: Any, operator: Any) -> None:
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(SAMPLES / "smollm2-cpu.yaml"))
+    owner = get(cluster, crd.PLURAL, "smollm2")
+    assert owner is not None
+    dep = cluster.wait_for(
+        lambda: get(cluster, "deployment", "smollm2-worker"), timeout=60, what="worker Deployment"
+    )
+    expected_ref = {
+        "apiVersion": "kvmesh.io/v1alpha1",
+        "kind": "InferenceDeployment",
+        "name": "smollm2",
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert dep["metadata"]["ownerReferences"] == [expected_ref]
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == WORKER_IMAGE
+    assert container["command"] == builders.worker_command("smollm2", owner["spec"])
+    assert container["command"][container["command"].index("--model") + 1] == (
+        "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "2Gi"}
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    managers = {m["manager"] for m in dep["metadata"]["managedFields"] if m["operation"] == "Apply"}
+    assert managers == {"kvmesh-operator"}
+    for kind, name in (
+        ("service", "smollm2-worker"),
+        ("pdb", "smollm2-worker"),
+        ("configmap", "smollm2-config"),
+    ):
+        child = cluster.wait_for(lambda k=kind, n=name: get(cluster, k, n), timeout=30, what=f"{kind}/{name}")
+        assert child["metadata"]["ownerReferences"] == [expected_ref], kind
+    assert get(cluster, "service", "smollm2-worker")["spec"]["clusterIP"] == "None"
+    # The controller-manager acts on what the operator wrote: a ReplicaSet and a (pending) pod.
+    cluster.wait_for(
+        lambda: get(cluster, "replicasets", "-l", "app.kubernetes.io/instance=smollm2")["items"], timeout=60
+    )
+
+
+def test_status_reports_conditions_and_observed_generation(cluster: Any, operator: Any) -> None:
+    def observed() -> dict | None:
+        obj = get(cluster, crd.PLURAL, "smollm2")
+        status = (obj or {}).get("status") or {}
+        if status.get("observedGeneration") == obj["metadata"]["generation"] and condition(obj, "Ready"):
+            return obj
+        return None
+
+    obj = cluster.wait_for(observed, timeout=60, what="status")
+    status = obj["status"]
+    assert status["selector"] == "app.kubernetes.io/instance=smollm2,app.kubernetes.io/name=kvmesh-worker"
+    assert status["endpoint"] == f"smollm2-worker.{NAMESPACE}.svc:50051"
+    # No kubelet: the pod never runs, so the deployment is not ready and still progressing.
+    assert (condition(obj, "Ready")["status"], condition(obj, "Ready")["reason"]) == (
+        "False",
+        "NoReplicasReady",
+    )
+    assert condition(obj, "Progressing")["status"] == "True"
+    assert (condition(obj, "Degraded")["status"], condition(obj, "Degraded")["reason"]) == (
+        "False",
+        "AsExpected",
+    )
+    # Printer columns.
+    table = cluster.kubectl("get", crd.PLURAL, "smollm2", "-n", NAMESPACE).stdout
+    assert table.split("\n")[0].split() == ["NAME", "MODEL", "READY", "DESIRED", "AGE"]
+    assert "hostpath:///var/lib/kvmesh/models/smollm2" in table
+
+
+def test_ready_flips_when_pods_become_ready(cluster: Any, operator: Any) -> None:
+    """Play the kubelet: mark the worker pod Ready, and the Ready condition flips with a new time."""
+    before = condition(get(cluster, crd.PLURAL, "smollm2"), "Ready")
+    pods = cluster.wait_for(
+        lambda: get(cluster, "pods", "-l", "app.kubernetes.io/instance=smollm2")["items"], timeout=60
+    )
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for pod in pods:
+        status = {
+            "phase": "Running",
+            "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+            ],
+        }
+        cluster.kubectl(
+            "patch", "pod", pod["metadata"]["name"], "-n", NAMESPACE, "--subresource=status",
+            "--type=merge", "-p", json.dumps({"status": status}),
+        )  # fmt: skip
+
+    def ready() -> dict | None:
+        obj = get(cluster, crd.PLURAL, "smollm2")
+        return obj if condition(obj, "Ready").get("status") == "True" else None
+
+    obj = cluster.wait_for(ready, timeout=60, what="Ready=True")
+    cond = condition(obj, "Ready")
+    assert cond["reason"] == "AllReplicasReady"
+    assert obj["status"]["readyReplicas"] == 1
+    assert cond["lastTransitionTime"] >= before["lastTransitionTime"]
+    assert condition(obj, "Progressing")["reason"] == "Complete"
+    # Stable from now on: the time does not move while the status does not flip.
+    time.sleep(RESYNC * 3)
+    assert (
+        condition(get(cluster, crd.PLURAL, "smollm2"), "Ready")["lastTransitionTime"]
+        == cond["lastTransitionTime"]
+    )
+
+
+def test_spec_change_rolls_out_and_moves_observed_generation(cluster: Any, operator: Any) -> None:
+    dep = get(cluster, "deployment", "smollm2-worker")
+    old_hash = dep["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH_ANNOTATION]
+    cluster.kubectl(
+        "patch", crd.PLURAL, "smollm2", "-n", NAMESPACE, "--type=merge",
+        "-p", json.dumps({"spec": {"engine": {"maxNumSeqs": 8}}}),
+    )  # fmt: skip
+    generation = get(cluster, crd.PLURAL, "smollm2")["metadata"]["generation"]
+    assert generation >= 2
+
+    def rolled() -> dict | None:
+        d = get(cluster, "deployment", "smollm2-worker")
+        command = d["spec"]["template"]["spec"]["containers"][0]["command"]
+        return d if command[command.index("--max-num-seqs") + 1] == "8" else None
+
+    dep = cluster.wait_for(rolled, timeout=30, what="new engine args")
+    assert dep["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH_ANNOTATION] != old_hash
+    cluster.wait_for(
+        lambda: get(cluster, crd.PLURAL, "smollm2")["status"].get("observedGeneration") == generation,
+        timeout=30,
+        what="observedGeneration",
+    )
+    data = get(cluster, "configmap", "smollm2-config")["data"]
+    assert '"maxNumSeqs": 8' in data["deployment.json"]
+
+
+def test_kubectl_scale_changes_the_deployment(cluster: Any, operator: Any) -> None:
+    cluster.kubectl("scale", crd.PLURAL, "smollm2", "-n", NAMESPACE, "--replicas=3")
+    cluster.wait_for(
+        lambda: get(cluster, "deployment", "smollm2-worker")["spec"]["replicas"] == 3,
+        timeout=30,
+        what="replicas=3",
+    )
+    scale = json.loads(
+        cluster.kubectl(
+            "get",
+            "--raw",
+            f"/apis/kvmesh.io/v1alpha1/namespaces/{NAMESPACE}/inferencedeployments/smollm2/scale",
+        ).stdout
+    )
+    assert scale["spec"]["replicas"] == 3
+    assert scale["status"]["selector"] == builders.selector_string("smollm2")
+
+
+def test_drift_is_repaired(cluster: Any, operator: Any) -> None:
+    cluster.kubectl(
+        "patch", "deployment", "smollm2-worker", "-n", NAMESPACE, "--type=merge",
+        "-p", json.dumps({"spec": {"replicas": 7}}),
+    )  # fmt: skip
+    cluster.kubectl("delete", "service", "smollm2-worker", "-n", NAMESPACE)
+    cluster.wait_for(
+        lambda: get(cluster, "deployment", "smollm2-worker")["spec"]["replicas"] == 3,
+        timeout=30,
+        what="repaired",
+    )
+    cluster.wait_for(lambda: get(cluster, "service", "smollm2-worker"), timeout=30, what="Service recreated")
+
+
+def test_events_are_posted(cluster: Any, operator: Any) -> None:
+    def applied() -> list:
+        events = get(cluster, "events", "--field-selector", "involvedObject.name=smollm2")["items"]
+        return [e for e in events if e["reason"] == "Applied"]
+
+    events = cluster.wait_for(applied, timeout=30, what="Applied events")
+    assert events[0]["involvedObject"]["kind"] == "InferenceDeployment"
+
+
+def test_autoscaler_scales_from_redis_load(cluster: Any, operator: Any, redis_server: RedisServer) -> None:
+    obj = inference_deployment(
+        "autoscaled",
+        replicas=1,
+        autoscaling={
+            "enabled": True,
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "target": {"metric": "queueDepth", "value": 4},
+            "scaleUp": {"stabilizationWindowSeconds": 0},
+            "scaleDown": {"stabilizationWindowSeconds": 6},
+        },
+    )
+    cluster.apply(obj)
+    cluster.wait_for(lambda: get(cluster, "deployment", "autoscaled-worker"), timeout=60, what="Deployment")
+
+    def replicas_with_load(load: tuple[int, int, float], expected: int) -> bool:
+        redis_server.report("autoscaled", {"pod-a": load, "pod-b": load})
+        dep = get(cluster, "deployment", "autoscaled-worker")
+        return dep["spec"]["replicas"] == expected
+
+    # 2 workers x 10 requests = 20 in flight; target 4 per replica -> 5, capped by maxReplicas.
+    cluster.wait_for(lambda: replicas_with_load((6, 4, 0.5), 4), timeout=60, interval=0.5, what="scale up")
+    obj = get(cluster, crd.PLURAL, "autoscaled")
+    assert obj["spec"]["replicas"] == 4
+    assert obj["status"]["autoscaling"]["reason"] in ("ScaledUp", "Unchanged")
+    assert "lastScaleTime" in obj["status"]["autoscaling"]
+    events = get(cluster, "events", "--field-selector", "involvedObject.name=autoscaled")["items"]
+    assert any(e["reason"] == "ScaledUp" and "to 4" in e["message"] for e in events)
+
+    # Idle: after the 6 s scale-down window the count drops to minReplicas.
+    started = time.monotonic()
+    cluster.wait_for(lambda: replicas_with_load((0, 0, 0.0), 1), timeout=60, interval=0.5, what="scale down")
+    assert time.monotonic() - started >= 5, "scaled down before its stabilization window"
+    events = get(cluster, "events", "--field-selector", "involvedObject.name=autoscaled")["items"]
+    assert any(e["reason"] == "ScaledDown" for e in events)
+
+
+def test_autoscaler_holds_without_load(cluster: Any, operator: Any, redis_server: RedisServer) -> None:
+    obj = inference_deployment(
+        "no-load", replicas=2, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3}
+    )
+    cluster.apply(obj)
+    cluster.wait_for(
+        lambda: ((get(cluster, crd.PLURAL, "no-load") or {}).get("status") or {}).get("autoscaling"),
+        timeout=60,
+        what="autoscaling status",
+    )
+    time.sleep(RESYNC * 3)
+    obj = get(cluster, crd.PLURAL, "no-load")
+    assert obj["spec"]["replicas"] == 2
+    assert obj["status"]["autoscaling"]["reason"] == "NoMetrics"
+
+
+def test_deleting_removes_every_child(cluster: Any, operator: Any) -> None:
+    cluster.kubectl("delete", crd.PLURAL, "smollm2", "-n", NAMESPACE, "--wait=true", "--timeout=60s")
+
+    def gone() -> bool:
+        return (
+            all(
+                get(cluster, kind, name) is None
+                for kind, name in (
+                    ("deployment", "smollm2-worker"),
+                    ("service", "smollm2-worker"),
+                    ("pdb", "smollm2-worker"),
+                    ("configmap", "smollm2-config"),
+                )
+            )
+            and not get(cluster, "replicasets", "-l", "app.kubernetes.io/instance=smollm2")["items"]
+        )
+
+    cluster.wait_for(gone, timeout=90, interval=1, what="garbage collection of the children")
+
+
+def test_operator_log_is_free_of_errors(operator: Any) -> None:
+    log = operator.log()
+    assert "Forbidden" not in log
+    assert "Traceback" not in log, log[-4000:]
+
+
+def test_samples_parse() -> None:
+    for path in SAMPLES.glob("*.yaml"):
+        assert list(yaml.safe_load_all(path.read_text()))
