@@ -140,7 +140,7 @@ class Router:
         self,
         policy: str = "prefix",
         load_factor: float = 1.25,
-        slack: float = 1.0,
+        slack: float = 2.0,
         key_blocks: int = 4,
         vnodes: int = 64,
         hot_min_requests: float = 20.0,

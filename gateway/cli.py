@@ -1,0 +1,86 @@
+"""``kvmesh gateway``: the prefix-aware gateway in front of a deployment's workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from kvmesh.gateway.router import POLICIES
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50050, help="gRPC port (default 50050; 0 picks one)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--deployment", default="default", help="deployment whose workers to route to")
+    parser.add_argument(
+        "--redis-url",
+        default="",
+        help="shared metadata store; without it, an in-process store fed by --worker",
+    )
+    parser.add_argument(
+        "--worker", action="append", default=[], metavar="HOST:PORT",
+        help="a worker to watch over its Worker API (repeatable; in-process store only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer", default="worker",
+        help="'worker' (ask a worker's Tokenize, default), 'default' (SmolLM2) or a model path to load here",
+    )  # fmt: skip
+    parser.add_argument(
+        "--policy", default="prefix", choices=POLICIES, help="routing policy (default prefix)"
+    )
+    parser.add_argument("--load-factor", type=float, default=1.25, help="skip workers above this x mean load")
+    parser.add_argument(
+        "--key-blocks", type=int, default=4, help="blocks naming a prefix for hashing (default 4)"
+    )
+    parser.add_argument(
+        "--max-inflight", type=int, default=64, help="requests in flight per worker (default 64)"
+    )
+    parser.add_argument("--max-attempts", type=int, default=3, help="workers tried before the first token")
+    parser.add_argument(
+        "--max-timeout", type=float, default=600.0, help="clamp on request deadlines, seconds"
+    )
+    parser.add_argument("--shutdown-grace", type=float, default=25.0, help="seconds streams get on SIGTERM")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+
+
+def options_from_args(args: argparse.Namespace):
+    from kvmesh.gateway.server import GatewayOptions
+
+    return GatewayOptions(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        deployment=args.deployment,
+        redis_url=args.redis_url,
+        workers=list(args.worker),
+        tokenizer=args.tokenizer,
+        policy=args.policy,
+        load_factor=args.load_factor,
+        key_blocks=args.key_blocks,
+        max_inflight=args.max_inflight,
+        max_attempts=args.max_attempts,
+        max_timeout_s=args.max_timeout,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    if not args.redis_url and not args.worker:
+        print("kvmesh gateway: give --redis-url or at least one --worker", file=sys.stderr)
+        return 2
+    from kvmesh.gateway.server import serve
+
+    return asyncio.run(serve(options_from_args(args)))

@@ -1,0 +1,57 @@
+"""The gateway's Prometheus metrics, on a registry of its own (several gateways may share a process
+in tests and ``kvmesh up``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+TOKEN_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "kvmesh_gateway_routing_decisions", "Routing decisions by policy and outcome",
+            ["policy", "outcome"], registry=r,
+        )  # fmt: skip
+        self.matched_tokens = Histogram(
+            "kvmesh_gateway_matched_prefix_tokens", "Prompt tokens the chosen worker was believed to hold",
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.routing_latency = Histogram(
+            "kvmesh_gateway_routing_latency_seconds",
+            "Hashing, store lookup and choice of a worker (tokenization excluded)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "kvmesh_gateway_worker_inflight", "Requests in flight per worker", ["worker"], registry=r
+        )
+        self.store_errors = Counter(
+            "kvmesh_gateway_store_errors", "Metadata store failures by operation", ["op"], registry=r
+        )
+        self.degraded = Gauge(
+            "kvmesh_gateway_store_degraded",
+            "1 while routing on local state because the store is down",
+            registry=r,
+        )
+        self.retries = Counter(
+            "kvmesh_gateway_retries", "Requests retried on another worker before their first token",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "kvmesh_gateway_requests", "Finished requests by gRPC code", ["code"], registry=r
+        )
+        self.workers = Gauge("kvmesh_gateway_workers", "Workers in the routing pool", registry=r)
+        self._server = None
+
+    def serve(self, host: str, port: int) -> int:
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
