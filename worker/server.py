@@ -439,11 +439,13 @@ async def drain(
     await health_servicer.enter_graceful_shutdown()
     logger.info("Draining in_flight=%d grace=%.0fs", len(state.in_flight), options.shutdown_grace)
     if reporter is not None:  # deregister first, so gateways stop routing here
-        with contextlib.suppress(Exception):
-            await reporter.close()
         reporter_task.cancel()
         with contextlib.suppress(BaseException):
             await reporter_task
+        try:
+            await reporter.close()
+        except Exception:
+            logger.exception("Failed to deregister from Redis")
     idle, forced = asyncio.ensure_future(state.idle.wait()), asyncio.ensure_future(force.wait())
     await asyncio.wait({idle, forced}, timeout=options.shutdown_grace, return_when=asyncio.FIRST_COMPLETED)
     idle.cancel()
