@@ -170,26 +170,24 @@ def request_from_args(args: argparse.Namespace, prompt: str) -> inference_pb2.Ge
     )
 
 
-_wrote_text = False
+def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    wrote_text = False
 
-
-async def _run(args: argparse.Namespace, request: inference_pb2.GenerateRequest) -> GenerateResult:
     def write(response: inference_pb2.GenerateResponse) -> None:
-        global _wrote_text
-        _wrote_text = _wrote_text or bool(response.text)
+        nonlocal wrote_text
+        wrote_text = wrote_text or bool(response.text)
         sys.stdout.write(response.text)
         sys.stdout.flush()
 
-    async with grpc.aio.insecure_channel(args.target) as channel:
-        return await generate(channel, request, args.timeout, on_delta=write)
+    async def main() -> GenerateResult:
+        async with grpc.aio.insecure_channel(args.target) as channel:
+            return await generate(channel, request_from_args(args, prompt), args.timeout, on_delta=write)
 
-
-def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        result = asyncio.run(_run(args, request_from_args(args, prompt)))
+        result = asyncio.run(main())
     except grpc.aio.AioRpcError as e:
-        if _wrote_text:
+        if wrote_text:
             sys.stdout.write("\n")
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--tensor-parallel-size": ("tensor_parallel_size", int, "GPUs per replica (default 1)"),
     "--attention-backend": ("attention_backend", str, "auto, torch, triton or flash_attn"),
     "--max-waiting": ("max_waiting", int, "waiting requests before RESOURCE_EXHAUSTED (default 1024)"),
+    "--seed": ("seed", int, "engine seed for requests without their own (default 0)"),
 }
 
 
@@ -83,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     from kvmesh.worker.server import ServerOptions, serve
 
     config = EngineConfig(**engine_kwargs(args))
+    try:
+        config.validate()
+    except ValueError as e:
+        logging.getLogger("kvmesh.worker").error("Invalid engine settings: %s", e)
+        return 2
     options = ServerOptions(
         host=args.host,
         port=args.port,

@@ -195,19 +195,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     state.metrics.observe_first_token(first_token_at - arrival)
                 if out.finished:
                     finished = True
-                    response.finish_reason = FINISH_REASONS.get(out.finish_reason or "", 0)
-                    response.usage.prompt_tokens = out.prompt_tokens
-                    response.usage.completion_tokens = out.completion_tokens
-                    response.usage.cached_tokens = out.cached_tokens
-                    response.worker_id = state.worker_id
-                    ttft = None if first_token_at is None else first_token_at - arrival
-                    e2e = time.perf_counter() - arrival
-                    state.metrics.observe_finished(out.finish_reason or "", ttft, e2e, out.completion_tokens)
-                    logger.debug(
-                        "Finished request id=%s reason=%s prompt=%d completion=%d cached=%d e2e=%.3fs",
-                        request_id, out.finish_reason, out.prompt_tokens, out.completion_tokens,
-                        out.cached_tokens, e2e,
-                    )  # fmt: skip
+                    self.finish(response, out, arrival, first_token_at)
                 yield response
         except (InvalidRequest, QueueFull, EngineStopped) as e:
             admitted = False  # refused before admission: nothing to abort
@@ -216,6 +204,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             logger.debug("Cancelled request id=%s (client cancel or deadline)", request_id)
             state.metrics.observe_cancelled()
             raise
+        except Exception:
+            logger.exception("Request failed id=%s", request_id)
+            await state.reject(
+                context, grpc.StatusCode.INTERNAL, f"request {request_id} failed in the engine"
+            )
         finally:
             # Also reached when grpc closes this generator after a cancelled write.
             if admitted and not finished:
@@ -223,6 +216,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             state.end(request_id)
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]
+
+    def finish(
+        self, response: inference_pb2.GenerateResponse, out: Any, arrival: float, first_token_at: float | None
+    ) -> None:
+        """Fills the final message (finish reason, usage, worker) and records the request's latencies."""
+        response.finish_reason = FINISH_REASONS.get(out.finish_reason or "", 0)
+        response.usage.prompt_tokens = out.prompt_tokens
+        response.usage.completion_tokens = out.completion_tokens
+        response.usage.cached_tokens = out.cached_tokens
+        response.worker_id = self.state.worker_id
+        ttft = None if first_token_at is None else first_token_at - arrival
+        e2e = time.perf_counter() - arrival
+        self.state.metrics.observe_finished(out.finish_reason or "", ttft, e2e, out.completion_tokens)
+        logger.debug(
+            "Finished request id=%s reason=%s prompt=%d completion=%d cached=%d e2e=%.3fs",
+            response.request_id, out.finish_reason, out.prompt_tokens, out.completion_tokens,
+            out.cached_tokens, e2e,
+        )  # fmt: skip
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
