@@ -16,6 +16,7 @@ from kvmesh.operator.autoscaler import RedisLoadSource
 from kvmesh.operator.builders import OperatorConfig
 from kvmesh.operator.kube import Kube, KubeError
 from kvmesh.operator.reconcile import Outcome, Reconciler, autoscaling_status
+from kvmesh.operator.status import changed as status_changed
 
 RESOURCE = (crd.GROUP, crd.VERSION, crd.PLURAL)
 DEFAULT_WORKER_IMAGE = "ghcr.io/kvmesh/kvmesh-worker:0.1.0"
@@ -82,7 +83,8 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
 
 
 def _write(outcome: Outcome, patch: kopf.Patch, body: Any, logger: logging.Logger) -> None:
-    patch.setdefault("status", {}).update(outcome.status)
+    if status_changed(body.get("status"), outcome.status):
+        patch.setdefault("status", {}).update(outcome.status)
     name = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     if outcome.changed:
         children = ", ".join(outcome.changed)
@@ -128,7 +130,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
 
     @kopf.on.probe(id="objects", registry=registry)
     def objects(**_: Any) -> int:
-        return len(reconciler._versions)
+        return reconciler.tracked()
 
 
 def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:

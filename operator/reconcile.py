@@ -100,6 +100,11 @@ class Reconciler:
             self.apply_children(owner, {**spec, "replicas": decision.desired})
         return decision
 
+    def tracked(self) -> int:
+        """How many InferenceDeployments this process has applied children for (health detail)."""
+        with self._lock:
+            return len({(ns, name) for ns, kind, name in self._versions if kind == "Deployment"})
+
     def forget(self, namespace: str, name: str) -> None:
         self._windows.pop((namespace, name), None)
         with self._lock:
