@@ -1,0 +1,328 @@
+"""kvmesh's Triton attention kernels against the torch reference backend.
+
+Without CUDA the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``)
+on CPU tensors at small shapes, so CI checks the kernels' logic; with CUDA the same
+tests run compiled, plus the ``real_shape`` cases (Llama-3-8B and Qwen2.5-0.5B
+attention shapes, bf16). Every case poisons the KV slots no sequence owns (and the
+output) with NaN, so a read of an unwritten slot or an unwritten output shows up.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+if not CUDA and "triton" not in sys.modules:
+    # Triton reads this when each @jit function is defined, its own library's
+    # too, so it must be set before triton is first imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
+if INTERPRETED:
+    import triton.runtime.interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_numpy2(tensor, scope) -> None:
+        # Triton 3.6's interpreter turns a scalar into an index with int() on a
+        # one-element 1-d array, which NumPy >= 2.4 rejects (range(0, n) in a
+        # kernel fails); .item() accepts it.
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy2
+# Without CUDA, and with triton already imported compiled by an earlier test module
+# (transformers' Llama imports it), the cases run in a child pytest instead.
+DELEGATE = not CUDA and not INTERPRETED
+in_process = pytest.mark.skipif(DELEGATE, reason="run by test_cases_in_interpreter_subprocess")
+
+from kvmesh.worker.attention.metadata import AttentionMetadata  # noqa: E402
+from kvmesh.worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from kvmesh.worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from kvmesh.worker.kernels import attention as attention_kernels  # noqa: E402
+from kvmesh.worker.kernels import kv_cache as kv_cache_kernels  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+real_shape = pytest.mark.skipif(not CUDA, reason="real shapes need CUDA")
+
+
+@pytest.mark.skipif(not DELEGATE, reason="the cases run in this process")
+def test_cases_in_interpreter_subprocess() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@in_process
+def test_interpreter_is_active_without_cuda() -> None:
+    assert attention_kernels._interpreting() is (not CUDA)
+
+
+class Batch:
+    """A paged cache holding several sequences: ``(cached, new)`` tokens each."""
+
+    def __init__(
+        self,
+        seqs: list[tuple[int, int]],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        seed: int = 0,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        self.seqs = seqs
+        seq_lens = [c + n for c, n in seqs]
+        blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
+        num_blocks = 1 + sum(blocks_per_seq) + 3  # block 0 and a few spares are never owned
+        ids = list(range(1, num_blocks))
+        rng.shuffle(ids)
+        max_blocks = max(blocks_per_seq)
+        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for b, nb in enumerate(blocks_per_seq):
+            tables[b, :nb] = torch.tensor([ids.pop() for _ in range(nb)], dtype=torch.int32)
+
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_cache = torch.full(shape, float("nan"), dtype=dtype)
+        self.v_cache = torch.full(shape, float("nan"), dtype=dtype)
+        # Keys/values of every context token, written through the reference scatter.
+        total = sum(seq_lens)
+        keys = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+        values = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+        slots = []
+        for b, s in enumerate(seq_lens):
+            slots += [int(tables[b, t // block_size]) * block_size + t % block_size for t in range(s)]
+        TorchAttentionBackend().write_kv(keys, values, self.k_cache, self.v_cache, torch.tensor(slots))
+
+        q_lens = [n for _, n in seqs]
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        self.query = torch.randn(qsl[-1], num_heads, head_dim, generator=gen).to(dtype)
+        self.meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=tables,
+            slot_mapping=torch.full((qsl[-1],), -1, dtype=torch.int64),
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        self.scale = head_dim**-0.5
+
+    def reference(self) -> torch.Tensor:
+        """The torch backend in float32 (NaN-poisoned slots are sliced away there), on the CPU."""
+        out = TorchAttentionBackend().forward(
+            self.query.float(), self.k_cache.float(), self.v_cache.float(), self.meta, self.scale
+        )
+        return out.cpu()
+
+    def on(self, device: torch.device) -> Batch:
+        m = self.meta
+        self.query = self.query.to(device)
+        self.k_cache = self.k_cache.to(device)
+        self.v_cache = self.v_cache.to(device)
+        self.meta = AttentionMetadata(
+            query_start_loc=m.query_start_loc.to(device),
+            seq_lens=m.seq_lens.to(device),
+            block_tables=m.block_tables.to(device),
+            slot_mapping=m.slot_mapping.to(device),
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+            query_start_loc_cpu=m.query_start_loc_cpu,
+            seq_lens_cpu=m.seq_lens_cpu,
+        )
+        return self
+
+
+def _run_triton(batch: Batch, num_splits: int | None = None) -> torch.Tensor:
+    m = batch.meta
+    out = torch.full_like(batch.query, float("nan"))
+    attention_kernels.paged_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        m.query_start_loc,
+        m.seq_lens,
+        m.block_tables,
+        m.max_query_len,
+        m.max_seq_len,
+        batch.scale,
+        out=out,
+        num_splits=num_splits,
+    )
+    return out
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    out = out.float().cpu()
+    assert torch.isfinite(out).all(), "unwritten or NaN output rows"
+    rel = ((out - ref).norm() / ref.norm()).item()
+    tol = 1e-5 if dtype == torch.float32 and not CUDA else (3e-3 if dtype == torch.float32 else 1.5e-2)
+    assert rel < tol, f"relative error {rel:.2e} >= {tol:.0e}"
+
+
+def _case(seqs, heads, kv_heads, head_dim, block_size, dtype, num_splits=None, seed=0) -> None:
+    batch = Batch(seqs, heads, kv_heads, head_dim, block_size, dtype, seed).on(DEVICE)
+    ref = batch.reference()
+    out = _run_triton(batch, num_splits)
+    _check(out, ref, dtype)
+
+
+GQA = [(4, 4), (8, 2), (14, 2)]  # ratios 1, 4 and 7 (Qwen2.5-0.5B's)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads"), GQA)
+def test_prefill_without_cached_prefix(dtype, heads, kv_heads) -> None:
+    _case([(0, 37), (0, 16), (0, 5)], heads, kv_heads, 32, 16, dtype)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads"), GQA)
+def test_prefill_with_cached_prefix(dtype, heads, kv_heads) -> None:
+    _case([(40, 9), (16, 16), (3, 30), (31, 2)], heads, kv_heads, 32, 16, dtype)
+
+
+@in_process
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32])
+def test_block_boundaries(block_size) -> None:
+    # Lengths straddling block and tile edges: 15/16/17, 31/32/33.
+    seqs = [(15, 1), (16, 16), (17, 15), (0, 33), (31, 1), (32, 2)]
+    _case(seqs, 8, 2, 32, block_size, DTYPES[0])
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_prefill_and_decode(dtype) -> None:
+    seqs = [(0, 20), (33, 1), (7, 1), (50, 12), (100, 1), (0, 1)]
+    _case(seqs, 8, 2, 32, 16, dtype)
+    _case(seqs, 8, 2, 32, 16, dtype, num_splits=4, seed=1)
+
+
+@in_process
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 8])
+@pytest.mark.parametrize(("heads", "kv_heads"), GQA)
+def test_decode_split_kv(num_splits, heads, kv_heads) -> None:
+    # Short contexts leave some splits empty; long ones span many tiles per split.
+    seqs = [(0, 1), (14, 1), (15, 1), (16, 1), (99, 1), (249, 1)]
+    _case(seqs, heads, kv_heads, 32, 16, DTYPES[0], num_splits=num_splits)
+
+
+@in_process
+def test_head_dim_not_power_of_two() -> None:
+    _case([(20, 5), (30, 1)], 4, 2, 24, 16, DTYPES[0])
+
+
+@in_process
+def test_default_split_choice_decode() -> None:
+    seqs = [(300, 1), (5, 1)]
+    splits = attention_kernels.num_kv_splits(2, 2, 301, DEVICE)
+    assert 1 < splits <= attention_kernels.MAX_SPLITS
+    _case(seqs, 8, 2, 32, 16, DTYPES[0])
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_matches_reference(dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, kv_heads, head_dim, block_size, num_blocks = 23, 2, 24, 8, 6
+    # Strided views, as the model hands over slices of a fused QKV projection.
+    qkv = torch.randn(num_tokens, 4 * kv_heads, head_dim, generator=gen).to(dtype)
+    key, value = qkv[:, 2 * kv_heads : 3 * kv_heads], qkv[:, 3 * kv_heads :]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[[3, 11]] = -1  # padding tokens: not written
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    ref_k, ref_v = torch.full(shape, 7.0, dtype=dtype), torch.full(shape, 7.0, dtype=dtype)
+    TorchAttentionBackend().write_kv(key, value, ref_k, ref_v, slots)
+    k_cache, v_cache = (
+        torch.full(shape, 7.0, dtype=dtype, device=DEVICE),
+        torch.full_like(ref_v, 7.0).to(DEVICE),
+    )
+    kv_cache_kernels.write_kv(key.to(DEVICE), value.to(DEVICE), k_cache, v_cache, slots.to(DEVICE))
+    assert torch.equal(k_cache.cpu(), ref_k)
+    assert torch.equal(v_cache.cpu(), ref_v)
+
+
+@in_process
+def test_backend_write_then_forward() -> None:
+    """The backend's two calls as the model makes them: write this step's K/V, then attend."""
+    dtype = DTYPES[0]
+    batch = Batch([(20, 4), (9, 1)], 8, 2, 32, 8, dtype, seed=5)
+    ref = batch.reference()
+    # Erase the new tokens' K/V from the cache and write them back through the backend.
+    m = batch.meta
+    slots, keys, values = [], [], []
+    for b, (cached, new) in enumerate(batch.seqs):
+        for t in range(cached, cached + new):
+            block = int(m.block_tables[b, t // 8])
+            keys.append(batch.k_cache[block, t % 8].clone())
+            values.append(batch.v_cache[block, t % 8].clone())
+            batch.k_cache[block, t % 8] = float("nan")
+            batch.v_cache[block, t % 8] = float("nan")
+            slots.append(block * 8 + t % 8)
+    batch.on(DEVICE)
+    backend = TritonAttentionBackend()
+    backend.write_kv(
+        torch.stack(keys).to(DEVICE),
+        torch.stack(values).to(DEVICE),
+        batch.k_cache,
+        batch.v_cache,
+        torch.tensor(slots, device=DEVICE),
+    )
+    _check(backend.forward(batch.query, batch.k_cache, batch.v_cache, batch.meta, batch.scale), ref, dtype)
+
+
+# --- real shapes, GPU only -------------------------------------------------------------------
+
+LLAMA_8B = (32, 8, 128)
+QWEN_05B = (14, 2, 64)
+
+
+@real_shape
+@pytest.mark.parametrize("shape", [LLAMA_8B, QWEN_05B], ids=["llama8b", "qwen05b"])
+def test_real_prefill_2k_cold_and_cached(shape) -> None:
+    heads, kv_heads, head_dim = shape
+    _case([(0, 2048)], heads, kv_heads, head_dim, 16, torch.bfloat16)
+    _case([(1843, 205), (0, 700), (512, 512)], heads, kv_heads, head_dim, 16, torch.bfloat16, seed=1)
+
+
+@real_shape
+@pytest.mark.parametrize("shape", [LLAMA_8B, QWEN_05B], ids=["llama8b", "qwen05b"])
+@pytest.mark.parametrize("num_splits", [None, 1, 16])
+def test_real_decode(shape, num_splits) -> None:
+    heads, kv_heads, head_dim = shape
+    rng = random.Random(7)
+    seqs = [(rng.randint(1, 4000), 1) for _ in range(48)] + [(8191, 1)]
+    _case(seqs, heads, kv_heads, head_dim, 16, torch.bfloat16, num_splits=num_splits)
+
+
+@real_shape
+def test_real_mixed_batch() -> None:
+    rng = random.Random(8)
+    seqs = [(rng.randint(1, 2000), 1) for _ in range(100)] + [(0, 1000), (300, 257)]
+    _case(seqs, *LLAMA_8B, 16, torch.bfloat16)
