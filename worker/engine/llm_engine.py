@@ -1,0 +1,169 @@
+"""The synchronous engine core: requests in, one scheduled model step at a time, deltas out."""
+
+from __future__ import annotations
+
+import logging
+
+from kvmesh.prefix import root_hash
+from kvmesh.worker.engine.block_manager import BlockManager
+from kvmesh.worker.engine.config import EngineConfig
+from kvmesh.worker.engine.detokenizer import IncrementalDetokenizer
+from kvmesh.worker.engine.errors import InvalidRequest
+from kvmesh.worker.engine.model_runner import ModelRunner
+from kvmesh.worker.engine.outputs import EngineStats, LoadStats, RequestOutput
+from kvmesh.worker.engine.sampling_params import SamplingParams
+from kvmesh.worker.engine.scheduler import Scheduler
+from kvmesh.worker.engine.sequence import Sequence
+from kvmesh.worker.model import loader
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        files = loader.resolve_model(config.model)
+        self.model_name = config.served_model_name or files.name
+        hf_config = loader.load_config(files.directory)
+        self.tokenizer = loader.load_tokenizer(files.directory)
+        self.eos_token_ids = loader.eos_token_ids(hf_config, files.directory)
+        self.vocab_size = int(hf_config.vocab_size)
+        self.runner = ModelRunner(config, files.directory, hf_config)
+        self.block_size = config.block_size
+        # One sequence must always fit in the pool, so preemption can always make progress.
+        self.max_model_len = min(self.runner.max_positions, self.runner.num_blocks * self.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.stats = EngineStats()
+        log.info(
+            "Loaded model %s: %d layers, %d KV blocks of %d tokens, context %d, %s on %s",
+            self.model_name,
+            self.runner.num_layers,
+            self.runner.num_blocks,
+            self.block_size,
+            self.max_model_len,
+            self.runner.dtype,
+            self.runner.device,
+        )
+
+    # -- requests --------------------------------------------------------
+    def make_sequence(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str = "",
+    ) -> Sequence:
+        """Validates a request and builds its sequence (raises InvalidRequest)."""
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt is empty")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(prompt_token_ids)} tokens but the context holds {self.max_model_len}, "
+                "leaving no room to generate"
+            )
+        params.validate(self.vocab_size, self.max_model_len)
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=list(prompt_token_ids),
+            params=params,
+            root_hash=root_hash(self.model_name, cache_salt),
+            priority=priority,
+        )
+        seq.update_block_hashes(self.block_size)
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs:
+            raise InvalidRequest(f"request id {seq.request_id!r} is already running")
+        self.seqs[seq.request_id] = seq
+        self.detokenizers[seq.request_id] = IncrementalDetokenizer(
+            self.tokenizer, seq.token_ids, seq.params.stop
+        )
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        self.scheduler.remove(seq)
+        return self._finish(seq, [])
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def load(self) -> LoadStats:
+        return LoadStats(
+            running=len(self.scheduler.running),
+            waiting=self.scheduler.num_waiting,
+            kv_usage=self.block_manager.usage,
+            num_blocks=self.block_manager.num_blocks,
+            block_size=self.block_size,
+        )
+
+    # -- the step --------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self.stats.preemptions = self.scheduler.num_preemptions
+        if not out.seqs:
+            return []
+        for seq in out.seqs:
+            if not seq.counted:
+                seq.counted = True
+                self.stats.prompt_tokens += seq.num_prompt_tokens
+                self.stats.prefix_cache_queries += seq.num_prompt_tokens
+                self.stats.prefix_cache_hits += seq.num_cached_tokens
+        sampled, tokens = self.runner.execute(out)
+        for seq, n in zip(out.seqs, out.num_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+        outputs = []
+        for seq, token in zip(sampled, tokens):
+            seq.token_ids.append(token)
+            seq.update_block_hashes(self.block_size)
+            self.stats.generation_tokens += 1
+            hit_stop = self.detokenizers[seq.request_id].add(token)
+            seq.finish_reason = self._finish_reason(seq, token, hit_stop)
+            if seq.finished:
+                self.scheduler.remove(seq)
+                outputs.append(self._finish(seq, [token]))
+            else:
+                text = self.detokenizers[seq.request_id].take(final=False)
+                outputs.append(self._delta(seq, text, [token]))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int, hit_stop: bool) -> str | None:
+        p = seq.params
+        if hit_stop or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _delta(self, seq: Sequence, text: str, token_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=token_ids,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_completion_tokens,
+            cached_tokens=max(seq.num_cached_tokens, 0),
+        )
+
+    def _finish(self, seq: Sequence, token_ids: list[int]) -> RequestOutput:
+        detok = self.detokenizers.pop(seq.request_id)
+        del self.seqs[seq.request_id]
+        self.stats.finished_requests += 1
+        out = self._delta(seq, detok.take(final=True), token_ids)
+        out.finished, out.finish_reason = True, seq.finish_reason
+        return out

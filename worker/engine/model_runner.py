@@ -1,0 +1,169 @@
+"""Loads the model, owns the KV cache, and runs one scheduled step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvmesh.worker.attention import AttentionMetadata, get_backend
+from kvmesh.worker.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from kvmesh.worker.engine.sampler import sample
+from kvmesh.worker.engine.scheduler import SchedulerOutput
+from kvmesh.worker.model import loader
+from kvmesh.worker.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r} (expected auto, {', '.join(dtypes)})")
+    return dtypes[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir, hf_config) -> None:
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.hf_config = hf_config
+        self.block_size = config.block_size
+        self.backend = get_backend(config.attention_backend, self.device)
+        model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
+        self.max_positions = min(config.max_model_len or model_max, model_max)
+        torch.manual_seed(config.seed)
+        with torch.device(self.device):
+            self.model = LlamaForCausalLM(hf_config, self.backend, self.max_positions)
+        self.model.load_weights(loader.load_state_dict(model_dir))
+        self.model.to(self.dtype).eval()
+        attn = self.model.layers[0].self_attn
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.num_layers = len(self.model.layers)
+        self.num_blocks = config.num_blocks or self._blocks_from_memory()
+        # One pool: [2 (k, v), layers, blocks, block_size, kv_heads, head_dim].
+        self.kv_cache = torch.zeros(
+            2,
+            self.num_layers,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def _blocks_from_memory(self) -> int:
+        if self.device.type != "cuda":
+            return max(2, CPU_KV_CACHE_BYTES // self.block_bytes)
+        # Profile one full-budget prefill to learn the activation peak, then give the rest to the pool.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run()
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
+        blocks = int(budget // self.block_bytes)
+        if blocks < 2:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+                "raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        log.info(
+            "Sized KV cache from memory: %d blocks (%.2f GiB)", blocks, blocks * self.block_bytes / 2**30
+        )
+        return blocks
+
+    def _profile_run(self) -> None:
+        n = min(self.config.max_num_batched_tokens, self.max_positions)
+        dummy_cache = torch.zeros(
+            2,
+            self.num_layers,
+            -(-n // self.block_size),
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(dummy_cache.shape[2], dtype=torch.int32, device=self.device)[None],
+            slot_mapping=torch.arange(n, dtype=torch.int64, device=self.device),
+            max_query_len=n,
+            max_seq_len=n,
+            query_start_loc_cpu=[0, n],
+            seq_lens_cpu=[n],
+        )
+        with torch.inference_mode():
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            hidden = self.model(ids, torch.arange(n, device=self.device), dummy_cache, meta)
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        del dummy_cache
+
+    def prepare(self, out: SchedulerOutput):
+        """Flattens a scheduled step into model inputs; returns them and the rows to sample."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        sample_seqs = []
+        bs = self.block_size
+        for seq, n in zip(out.seqs, out.num_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            if end == seq.num_tokens:  # reached the end of known tokens: sample the next one
+                logits_rows.append(qsl[-1] - 1)
+                sample_seqs.append(seq)
+        max_blocks = max(len(s.block_table) for s in out.seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in out.seqs]
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=max(out.num_tokens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return input_ids, pos, meta, logits_rows, sample_seqs
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[list, list[int]]:
+        """Runs the step; returns the sequences that sampled and their new tokens."""
+        input_ids, positions, meta, logits_rows, sample_seqs = self.prepare(out)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        if not sample_seqs:
+            return [], []
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        return sample_seqs, sample(logits, sample_seqs)
