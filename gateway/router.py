@@ -10,8 +10,10 @@ into ``Candidate`` rows and asks ``Router.choose``.
    cluster does not break affinity) and is not saturated (in-flight cap).
 2. *Hot prefix.* A prefix whose share of recent traffic exceeds what one worker may carry under
    the bound (share > load_factor / n) gets k = ceil(share x n / load_factor) replicas: the first k
-   workers on the hash ring from its key. The least loaded eligible replica serves it; the others
-   warm up their caches, so the prefix spreads instead of melting one worker.
+   workers on the hash ring from its key. Within that set the longest match wins unless it costs
+   more than one request of extra load over the least loaded replica, which then takes the
+   request and warms its cache: conversations stay where their context is while the prefix
+   spreads as load builds, instead of melting one worker.
 3. *Longest cached prefix.* Among eligible workers, the longest leading run of cached blocks wins
    (ties: least loaded), provided it covers the routing key (below).
 4. *No match.* Consistent hashing with bounded loads on the routing key: walk the ring clockwise
@@ -193,7 +195,10 @@ class Router:
         if replicas > 1:
             ring_set = [by_id[w] for w in self._first_on_ring(key, replicas) if w in by_id]
             if ring_set:
-                return self._pick(self._least_loaded(ring_set), Outcome.HOT_SPREAD)
+                least = self._least_loaded(ring_set)
+                deepest = min(ring_set, key=lambda c: (-c.matched_blocks, c.load))
+                best = deepest if deepest.load <= least.load + 1 else least
+                return self._pick(best, Outcome.HOT_SPREAD)
 
         need = min(len(hashes), self.key_blocks)  # a usable match covers the routing key
         matched = [c for c in eligible if c.matched_blocks >= need]
