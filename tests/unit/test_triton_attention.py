@@ -50,6 +50,7 @@ in_process = pytest.mark.skipif(DELEGATE, reason="run by test_cases_in_interpret
 from kvmesh.worker.attention.metadata import AttentionMetadata  # noqa: E402
 from kvmesh.worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from kvmesh.worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from kvmesh.worker.kernels import activation, norm, rotary  # noqa: E402
 from kvmesh.worker.kernels import attention as attention_kernels  # noqa: E402
 from kvmesh.worker.kernels import kv_cache as kv_cache_kernels  # noqa: E402
 
@@ -295,6 +296,71 @@ def test_backend_write_then_forward() -> None:
         torch.tensor(slots, device=DEVICE),
     )
     _check(backend.forward(batch.query, batch.k_cache, batch.v_cache, batch.meta, batch.scale), ref, dtype)
+
+
+# --- fused elementwise kernels (RMSNorm + residual, SiLU-and-mul, RoPE) ---------------------
+
+
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Hugging Face's LlamaRMSNorm, rounding included.
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+@in_process
+@pytest.mark.parametrize("hidden", [64, 96])
+def test_rms_norm_with_and_without_residual(hidden) -> None:
+    gen = torch.Generator().manual_seed(11)
+    dtype = DTYPES[0]
+    x = torch.randn(7, hidden, generator=gen).to(dtype)
+    residual = torch.randn(7, hidden, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    out = norm.rms_norm(x.to(DEVICE), weight.to(DEVICE), 1e-6)
+    torch.testing.assert_close(out.cpu(), _rms_norm_ref(x, weight, 1e-6))
+    res = residual.clone().to(DEVICE)
+    out = norm.rms_norm(x.to(DEVICE), weight.to(DEVICE), 1e-6, residual=res)
+    summed = (x.float() + residual.float()).to(dtype)
+    torch.testing.assert_close(res.cpu(), summed)
+    torch.testing.assert_close(out.cpu(), _rms_norm_ref(summed, weight, 1e-6))
+
+
+@in_process
+def test_silu_and_mul() -> None:
+    gen = torch.Generator().manual_seed(12)
+    dtype = DTYPES[0]
+    gate_up = torch.randn(5, 2 * 40, generator=gen).to(dtype)
+    out = activation.silu_and_mul(gate_up.to(DEVICE))
+    ref = torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:]
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-2 if CUDA else 1e-5, atol=2e-2 if CUDA else 1e-5)
+
+
+@in_process
+def test_rotary_matches_rotate_half() -> None:
+    gen = torch.Generator().manual_seed(13)
+    dtype = DTYPES[0]
+    heads, kv_heads, head_dim, tokens = 6, 2, 32, 9
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    cos_sin = rotary.cos_sin_cache(inv_freq, 64)
+    positions = torch.randint(0, 64, (tokens,), generator=gen)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
+    q, k = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        cos = cos_sin[positions, : head_dim // 2].repeat(1, 2)[:, None, :]
+        sin = cos_sin[positions, head_dim // 2 :].repeat(1, 2)[:, None, :]
+        x1, x2 = x.float()[..., : head_dim // 2], x.float()[..., head_dim // 2 :]
+        return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(dtype)
+
+    ref_q, ref_k = rotate(q), rotate(k)
+    qkv_dev = qkv.to(DEVICE)
+    rotary.apply_rotary(
+        positions.to(DEVICE), qkv_dev[:, :heads], qkv_dev[:, heads : heads + kv_heads], cos_sin.to(DEVICE)
+    )
+    tol = {"rtol": 1e-2, "atol": 1e-2} if CUDA else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(qkv_dev[:, :heads].cpu(), ref_q, **tol)
+    torch.testing.assert_close(qkv_dev[:, heads : heads + kv_heads].cpu(), ref_k, **tol)
+    torch.testing.assert_close(qkv_dev[:, heads + kv_heads :].cpu(), qkv[:, heads + kv_heads :])
 
 
 # --- real shapes, GPU only -------------------------------------------------------------------
