@@ -29,6 +29,9 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
+# Tile shapes on the GPU (bench/gpu_kernels.py sweeps them); the interpreter uses small tiles.
+PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -297,7 +300,7 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: to
 
 
 def _decode_block_n() -> int:
-    return 16 if _interpreting() else 64
+    return 16 if _interpreting() else DECODE_CONFIG["BLOCK_N"]
 
 
 def paged_attention(
@@ -344,9 +347,10 @@ def paged_attention(
     )
 
     if max_query_len > 1:
-        block_m, block_n = (16, 16) if interp else (128, 64)
+        cfg = PREFILL_CONFIG
+        block_m, block_n = (16, 16) if interp else (cfg["BLOCK_M"], cfg["BLOCK_N"])
         if not interp and head_dim > 128:
-            block_m = 64
+            block_m = min(block_m, 64)
         grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
         _prefill_kernel[grid](
             query,
@@ -369,8 +373,8 @@ def paged_attention(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             SKIP_DECODE=True,
-            num_warps=8,
-            num_stages=2,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
 
     if num_splits is None:
@@ -405,8 +409,8 @@ def paged_attention(
         BLOCK_D=block_d,
         BLOCK_N=_decode_block_n(),
         NUM_SPLITS=num_splits,
-        num_warps=4,
-        num_stages=2,
+        num_warps=DECODE_CONFIG["num_warps"],
+        num_stages=DECODE_CONFIG["num_stages"],
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
