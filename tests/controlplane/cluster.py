@@ -112,6 +112,8 @@ class _Pki:
         self._openssl(
             "req", "-x509", "-new", "-nodes", *self._ec_key(self.ca_key),
             "-out", self.ca_crt, "-days", "7", "-subj", "/CN=kvmesh-test-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
         )  # fmt: skip
         self.sa_key, self.sa_pub = directory / "sa.key", directory / "sa.pub"
         self._openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", self.sa_key)
@@ -198,9 +200,9 @@ class Cluster:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> Cluster:
-        self.binaries.require()
         atexit.register(self.stop)
         try:
+            self.binaries.require()
             self._pki = _Pki(self.dir / "pki")
             self._start_etcd(timeout)
             self._start_apiserver(timeout)
@@ -339,6 +341,9 @@ class Cluster:
                 f"--etcd-servers={self.etcd_url}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # The lease reconciler refuses a loopback address for the `kubernetes` Service's
+                # endpoints; nothing in these tests runs in a pod that would use them.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={self.port}",
                 f"--cert-dir={self.dir / 'apiserver-certs'}",
                 f"--tls-cert-file={serving[0]}",
