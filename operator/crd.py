@@ -238,6 +238,21 @@ _SPEC: Schema = {
     ],
 }
 
+
+def _complete_object_defaults(schema: Schema) -> Schema:
+    """Expand each ``default: {}`` of an object into its fully defaulted value.
+
+    The API server validates a default (CEL rules included) as written, before nested defaults apply,
+    so ``{}`` would fail rules that read nested fields."""
+    for prop in schema.get("properties", {}).values():
+        _complete_object_defaults(prop)
+    if schema.get("type") == "object" and schema.get("default") == {}:
+        value: dict[str, Any] = {}
+        _default_object(value, schema)
+        schema["default"] = value
+    return schema
+
+
 _CONDITION: Schema = {
     "type": "object",
     "required": ["type", "status"],
@@ -375,6 +390,9 @@ def _default_object(value: dict[str, Any], schema: Schema) -> None:
             value[key] = copy.deepcopy(prop["default"])
         if isinstance(value.get(key), dict) and prop.get("type") == "object":
             _default_object(value[key], prop)
+
+
+_complete_object_defaults(_SPEC)
 
 
 def main() -> int:

@@ -101,6 +101,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
     """Wire the handlers. Change handlers converge at once; the timer repairs drift, refreshes status
     from the children's real state and runs the autoscaler."""
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A custom registry starts without kopf's default login handlers.
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.resume(*RESOURCE, registry=registry)
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, field="spec", registry=registry)
@@ -133,6 +138,17 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
         return reconciler.tracked()
 
 
+class _QuietTimers(logging.Filter):
+    """Drops kopf's per-tick "Timer ... succeeded" lines; failures and everything else stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno <= logging.INFO
+            and str(record.msg).startswith("Timer ")
+            and "succeeded" in str(record.msg)
+        )
+
+
 def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # Keep kopf's bookkeeping in our annotations, out of the status we own.
@@ -154,6 +170,9 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
 def run(args: argparse.Namespace) -> int:
     fmt = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=args.verbose, log_format=fmt[args.log_format])
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietTimers())
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's own login too
     load_source = None if args.no_autoscaler else RedisLoadSource(args.redis_url)

@@ -46,7 +46,10 @@ class Reconciler:
         for manifest in builders.build_children(owner, spec, self.config):
             result = self.kube.apply(manifest)
             key = (owner.namespace, manifest["kind"], manifest["metadata"]["name"])
-            version = result["metadata"]["resourceVersion"]
+            # generation moves only on spec changes (not on the status the controllers write);
+            # kinds without one (ConfigMap, Service) only change when someone writes them.
+            meta = result["metadata"]
+            version = str(meta.get("generation") or meta["resourceVersion"])
             with self._lock:
                 if self._versions.get(key) != version:
                     changed.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
