@@ -78,7 +78,8 @@ class OperatorProcess:
             time.sleep(0.3)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -289,7 +290,12 @@ def test_children_are_created_with_spec_and_owner_references(cluster: Any, opera
     assert container["resources"]["requests"] == {"cpu": "2", "memory": "2Gi"}
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
-    managers = {m["manager"] for m in dep["metadata"]["managedFields"] if m["operation"] == "Apply"}
+    full = json.loads(
+        cluster.kubectl(
+            "get", "deployment", "smollm2-worker", "-n", NAMESPACE, "-o", "json", "--show-managed-fields"
+        ).stdout
+    )
+    managers = {m["manager"] for m in full["metadata"]["managedFields"] if m["operation"] == "Apply"}
     assert managers == {"kvmesh-operator"}
     for kind, name in (
         ("service", "smollm2-worker"),
