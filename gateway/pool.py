@@ -63,6 +63,8 @@ class WorkerPool:
         self.local_load_only = local_load_only
         self.conns: dict[str, WorkerConn] = {}
         self.known: list[WorkerInfo] = []  # last worker list the store returned
+        self._known_at = 0.0
+        self.empty_grace_s = 10.0  # how long an empty registry is distrusted after a full one
         self.degraded = False
         self._probe: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # background writes and channel closes
@@ -80,9 +82,16 @@ class WorkerPool:
                 self.metrics.store_errors.labels("lookup").inc()
                 self._degrade(e)
             else:
-                self._remember(view.workers)
-                return view
+                if view.workers or not self._recently_known():
+                    self._remember(view.workers)
+                    return view
+                # An empty registry right after a full one: the store lost its data (a restart)
+                # and the workers have not re-registered yet. Route on what we knew.
+                self.metrics.store_errors.labels("empty_registry").inc()
         return RoutingView(workers=list(self.known), matches={})
+
+    def _recently_known(self) -> bool:
+        return bool(self.known) and time.monotonic() - self._known_at < self.empty_grace_s
 
     def candidates(self, view: RoutingView, exclude: set[str]) -> list[Candidate]:
         now = time.monotonic()
@@ -161,6 +170,8 @@ class WorkerPool:
 
     def _remember(self, workers: list[WorkerInfo]) -> None:
         self.known = workers
+        if workers:
+            self._known_at = time.monotonic()
         self.metrics.workers.set(len(workers))
         live = {w.worker_id for w in workers}
         for worker_id in [w for w in self.conns if w not in live and self.conns[w].inflight == 0]:

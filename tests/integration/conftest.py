@@ -76,8 +76,7 @@ class RedisServer:
         self.start()
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
+def _redis_server() -> Iterator[RedisServer]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.path.exists(binary):
         pytest.skip("redis-server is not installed (scripts/bootstrap.sh --test installs it)")
@@ -88,6 +87,18 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server for one test."""
+    yield from _redis_server()
+
+
+@pytest.fixture(scope="module")
+def module_redis_server() -> Iterator[RedisServer]:
+    """One redis-server shared by a test module (e.g. with long-lived workers reporting to it)."""
+    yield from _redis_server()
 
 
 @dataclass
