@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import random
 from typing import Any
 
 import kopf
+from kopf._core.intents.handlers import TimerHandler
 
 from kvmesh.operator import crd
 from kvmesh.operator.autoscaler import RedisLoadSource
@@ -97,6 +99,18 @@ def _write(outcome: Outcome, patch: kopf.Patch, body: Any, logger: logging.Logge
         )
 
 
+def _drop_timer_finalizers(registry: kopf.OperatorRegistry) -> None:
+    """kopf puts a finalizer on every object a timer runs for, so that deleting an InferenceDeployment
+    would hang while no operator runs (e.g. after uninstalling it). Our timer needs no cleanup: children
+    go with the garbage collector, and a tick racing a deletion only applies children whose owner is
+    gone, which the collector removes. kopf (pinned) exposes no public switch, hence the replace."""
+    spawning = registry._spawning
+    spawning._handlers[:] = [
+        dataclasses.replace(h, requires_finalizer=False) if isinstance(h, TimerHandler) else h
+        for h in spawning._handlers
+    ]
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: float) -> None:
     """Wire the handlers. Change handlers converge at once; the timer repairs drift, refreshes status
     from the children's real state and runs the autoscaler."""
@@ -127,6 +141,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
                 logger.info("Scaled InferenceDeployment", extra={"replicas": decision.desired})
                 kopf.event(body, type="Normal", reason=decision.reason, message=decision.message)
         _write(outcome, patch, body, logger)
+
+    _drop_timer_finalizers(registry)
 
     @kopf.on.delete(*RESOURCE, optional=True, registry=registry)
     def forget(name: str, namespace: str, **_: Any) -> None:

@@ -197,8 +197,8 @@ def test_operator_with_chart_service_account_reconciles_without_forbidden(
         assert "Forbidden" not in log and " 403" not in log, log[-6000:]
         assert "Traceback" not in log, log[-6000:]
     finally:
+        for name in ("smollm2", "llama-8b"):
+            installed.kubectl("delete", crd.PLURAL, name, "-n", NAMESPACE, "--ignore-not-found", check=False)
         operator.stop()
         redis.stop()
         print(operator.log()[-6000:])
-        for name in ("smollm2", "llama-8b"):
-            installed.kubectl("delete", crd.PLURAL, name, "-n", NAMESPACE, "--ignore-not-found", check=False)

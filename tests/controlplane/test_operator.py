@@ -280,6 +280,8 @@ def test_children_are_created_with_spec_and_owner_references(cluster: Any, opera
         "blockOwnerDeletion": True,
     }
     assert dep["metadata"]["ownerReferences"] == [expected_ref]
+    # No finalizer: deleting never waits for the operator.
+    assert not get(cluster, crd.PLURAL, "smollm2")["metadata"].get("finalizers")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == WORKER_IMAGE
     assert container["command"] == builders.worker_command("smollm2", owner["spec"])

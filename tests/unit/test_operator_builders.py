@@ -398,3 +398,20 @@ def test_scaled_to_zero_is_not_ready() -> None:
     )
     assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", "ScaledToZero")
     assert c["Progressing"]["reason"] == "Complete"
+
+
+# ---- handler wiring ------------------------------------------------------------------------------
+
+
+def test_no_handler_puts_a_finalizer_on_inference_deployments() -> None:
+    """Deletion must never wait for the operator: children go with the garbage collector."""
+    import kopf
+
+    from kvmesh.operator.main import register
+    from kvmesh.operator.reconcile import Reconciler
+
+    registry = kopf.OperatorRegistry()
+    register(registry, Reconciler(kube=None, config=CONFIG), resync=10)  # type: ignore[arg-type]
+    handlers = [*registry._spawning._handlers, *registry._changing._handlers]
+    assert len(handlers) >= 4
+    assert not [h.id for h in handlers if h.requires_finalizer]
