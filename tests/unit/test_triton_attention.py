@@ -270,10 +270,12 @@ def test_write_kv_matches_reference(dtype) -> None:
 
 
 @in_process
-def test_backend_write_then_forward() -> None:
-    """The backend's two calls as the model makes them: write this step's K/V, then attend."""
+@pytest.mark.parametrize("seqs", [[(20, 4), (9, 1)], [(20, 4), (0, 9)], [(20, 1), (9, 1)]])
+def test_backend_write_then_forward(seqs) -> None:
+    """The backend's two calls as the model makes them: write this step's K/V, then attend
+    (mixed, prefill-only and decode-only steps)."""
     dtype = DTYPES[0]
-    batch = Batch([(20, 4), (9, 1)], 8, 2, 32, 8, dtype, seed=5)
+    batch = Batch(seqs, 8, 2, 32, 8, dtype, seed=5)
     ref = batch.reference()
     # Erase the new tokens' K/V from the cache and write them back through the backend.
     m = batch.meta

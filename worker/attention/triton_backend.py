@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from kvmesh.worker.attention.metadata import AttentionMetadata
@@ -13,8 +15,9 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(self) -> None:
-        # CUDA graphs fix the decode split count at capture; None = choose per call.
-        self.num_splits: int | None = None
+        # Whether the step has single-token sequences, worked out once per step (not per layer).
+        self._meta: AttentionMetadata | None = None
+        self._has_decode = True
 
     def write_kv(
         self,
@@ -34,6 +37,10 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        if meta is not self._meta:
+            self._meta = meta
+            qsl = meta.query_start_loc_cpu
+            self._has_decode = qsl is None or any(b - a == 1 for a, b in itertools.pairwise(qsl))
         return paged_attention(
             query,
             k_cache,
@@ -44,5 +51,5 @@ class TritonAttentionBackend:
             meta.max_query_len,
             meta.max_seq_len,
             scale,
-            num_splits=self.num_splits,
+            has_decode=self._has_decode,
         )

@@ -171,17 +171,17 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_len != 1:
         return  # a prefill chunk: the prefill kernel owns it
     seq_len = tl.load(seq_lens_ptr + seq)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
 
@@ -224,7 +224,7 @@ def _decode_kernel(
 
     # An empty split (short sequence) leaves l_i == 0: weight -inf, output 0.
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         tl.store(
             o_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
             out.to(o_ptr.dtype.element_ty),
@@ -232,7 +232,7 @@ def _decode_kernel(
         )
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-        row = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split
+        row = (seq.to(tl.int64) * NUM_HEADS + heads) * num_splits + split
         tl.store(
             part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
             out,
@@ -249,10 +249,10 @@ def _reduce_kernel(
     query_start_loc_ptr,
     stride_ot,
     stride_oh,
+    num_splits,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -263,8 +263,8 @@ def _reduce_kernel(
         return
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
-    rows = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + offs_s
+    s_mask = offs_s < num_splits
+    rows = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"))
     weights = tl.exp2(lse - tl.max(lse, 0))
     parts = tl.load(
@@ -315,11 +315,14 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    has_decode: bool = True,
 ) -> torch.Tensor:
     """Causal attention of ``query [T, H, D]`` over the paged cache; see ``AttentionMetadata``.
 
-    ``num_splits`` fixes the decode split count (CUDA graphs capture it); by
-    default it follows the batch size and ``max_seq_len``.
+    ``num_splits`` fixes the decode split count; by default it follows the batch
+    size and ``max_seq_len`` (a CUDA graph captures it with the rest).
+    ``has_decode=False`` (no single-token sequence in a step with prefills)
+    skips the decode launch; the result is the same either way.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -377,10 +380,13 @@ def paged_attention(
             num_stages=cfg["num_stages"],
         )
 
+    if max_query_len > 1 and not has_decode:
+        return out
     if num_splits is None:
         num_splits = num_kv_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
-    part_o = part_lse = out  # unused placeholders when there is a single split
-    if num_splits > 1:
+    if num_splits == 1:  # the kernel writes ``out`` directly; one dtype keeps one compiled variant
+        part_o = part_lse = torch.empty(1, dtype=torch.float32, device=query.device)
+    else:
         part_o = torch.empty(
             (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
         )
@@ -408,7 +414,6 @@ def paged_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=_decode_block_n(),
-        NUM_SPLITS=num_splits,
         num_warps=DECODE_CONFIG["num_warps"],
         num_stages=DECODE_CONFIG["num_stages"],
     )
@@ -420,11 +425,11 @@ def paged_attention(
             query_start_loc,
             out.stride(0),
             out.stride(1),
+            num_splits,
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=MAX_SPLITS,
             num_warps=4,
         )
     return out
