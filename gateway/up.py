@@ -141,8 +141,10 @@ async def _up(args: argparse.Namespace) -> int:
         await stop.wait()
         return 0
     finally:
+        print("Stopping the gateway and workers...", flush=True)
         await gateway.stop(grace=5.0)
         await asyncio.to_thread(stop_workers, children)
+        print("Stopped.", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,77 @@
+"""``kvmesh up``: one command brings up a gateway and a local worker, shows a generation, and stops
+its children on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    text = ""
+    deadline = time.monotonic() + timeout_s
+    while marker not in text:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise AssertionError(f"{marker!r} not printed; output so far:\n{text}")
+        if selector.select(timeout=0.5):
+            line = proc.stdout.readline()
+            text += line
+    return text
+
+
+def test_up_serves_shows_a_generation_and_stops_cleanly(worker_launcher):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmesh.cli", "up", "--workers", "1", "--port", "0",
+         "--worker-arg=--num-blocks", "--worker-arg=64"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        output = read_until(proc, "Serving; Ctrl-C to stop.", timeout_s=240)
+        assert "kvmesh gateway listening on 127.0.0.1:" in output
+        assert "Paris" in output  # the sample generation, greedy
+        assert "(served by local-0)" in output
+        workers = children_of(proc.pid)
+        assert workers, "no worker process"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "Stopped." in proc.stdout.read()
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and _alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
