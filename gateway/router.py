@@ -31,7 +31,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -110,21 +110,21 @@ class TrafficShare:
         self.decay = math.log(2) / half_life_s
         self.max_keys = max_keys
         self.clock = clock
-        self._counts: dict[int, tuple[float, float]] = {}  # key -> (count, at)
+        self._counts: dict[Hashable, tuple[float, float]] = {}  # key -> (count, at)
         self._total = (0.0, clock())
 
     def _decayed(self, value: tuple[float, float], now: float) -> float:
         count, at = value
         return count * math.exp(-self.decay * (now - at))
 
-    def add(self, key: int) -> None:
+    def add(self, key: Hashable) -> None:
         now = self.clock()
         self._counts[key] = (self._decayed(self._counts.get(key, (0.0, now)), now) + 1.0, now)
         self._total = (self._decayed(self._total, now) + 1.0, now)
         if len(self._counts) > self.max_keys:
             self._prune(now)
 
-    def share(self, key: int) -> tuple[float, float]:
+    def share(self, key: Hashable) -> tuple[float, float]:
         """(this key's share of recent traffic, total recent requests)."""
         now = self.clock()
         total = self._decayed(self._total, now)
@@ -159,7 +159,8 @@ class Router:
         self.key_blocks = max(1, key_blocks)
         self.hot_min_requests = hot_min_requests
         self.ring = HashRing(vnodes)
-        self.traffic = TrafficShare(half_life_s, clock=clock)
+        self.traffic = TrafficShare(half_life_s, clock=clock)  # per routing key
+        self.worker_traffic = TrafficShare(half_life_s, clock=clock)  # per worker
         self._rr = 0
 
     def routing_key(self, hashes: Sequence[int]) -> int | None:
@@ -175,7 +176,10 @@ class Router:
             return Decision(self._round_robin(open_).worker_id, Outcome.ROUND_ROBIN)
         if self.policy == "least-load":
             return self._pick(self._least_loaded(open_), Outcome.LEAST_LOAD)
-        return self._prefix(candidates, open_, hashes)
+        decision = self._prefix(candidates, open_, hashes)
+        if decision.worker_id is not None:
+            self.worker_traffic.add(decision.worker_id)
+        return decision
 
     def _prefix(
         self, everyone: Sequence[Candidate], open_: list[Candidate], hashes: Sequence[int]
@@ -208,14 +212,20 @@ class Router:
             outcome = Outcome.PREFIX_HIT if best.matched_blocks >= longest else Outcome.PREFIX_SPILL
             return self._pick(best, outcome)
 
-        # Consistent hashing with bounded loads (strict bound, no slack), then anything open.
+        # Consistent hashing with bounded loads: in flight (strict bound, no slack) and, for a new
+        # prefix, recent traffic share too, so new tenants avoid a worker busy with popular ones.
         strict = max(1, math.ceil(self.load_factor * (total + 1) / n))
         open_by_id = {c.worker_id: c for c in open_}
-        for worker_id in self.ring.walk(key):
-            c = open_by_id.get(worker_id)
-            if c is not None and c.load + 1 <= strict:
+        walk = [open_by_id[w] for w in self.ring.walk(key) if w in open_by_id]
+        under = [c for c in walk if c.load + 1 <= strict]
+        for c in under:
+            if self._under_share(c.worker_id, n):
                 return self._pick(c, Outcome.HASH)
-        return self._pick(self._least_loaded(open_), Outcome.HASH)
+        return self._pick(under[0] if under else self._least_loaded(open_), Outcome.HASH)
+
+    def _under_share(self, worker_id: str, n: int) -> bool:
+        share, total = self.worker_traffic.share(worker_id)
+        return total < self.hot_min_requests or share <= self.load_factor / n
 
     def _replicas(self, key: int, n: int) -> int:
         share, total = self.traffic.share(key)

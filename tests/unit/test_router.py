@@ -69,7 +69,7 @@ def test_new_prefix_converges_on_one_worker():
 
 
 def test_consistent_hashing_spreads_keys_and_moves_few_on_membership_change():
-    r = Router()
+    r = Router(hot_min_requests=math.inf)  # pure ring placement, no traffic-share bound
     four = {w: 0 for w in "abcd"}
     first = {t: r.choose(cands(four), hashes_for(t)).worker_id for t in range(400)}
     counts = Counter(first.values())
@@ -134,15 +134,37 @@ def test_hot_prefix_keeps_a_conversation_on_its_context():
     assert d.worker_id == "c" or d.outcome != Outcome.HOT_SPREAD
 
 
+def test_new_prefixes_avoid_a_worker_busy_with_a_popular_one():
+    clock = Clock()
+    r = Router(hot_min_requests=10, clock=clock)
+    loads = dict.fromkeys("abc", 0)
+    popular = hashes_for(1)
+    home = r.choose(cands(loads), popular).worker_id
+    new_on_home = 0
+    for i in range(60):
+        clock.t += 0.1
+        # 45% of traffic: a popular prefix held by `home` (below the hot threshold 1.25/3).
+        h = popular if i % 20 < 9 else hashes_for(1000 + i)
+        d = r.choose(cands(loads, {home: len(popular)} if h is popular else {}), h)
+        if h is popular:
+            assert d.worker_id == home
+        elif d.worker_id == home:
+            new_on_home += 1
+    assert new_on_home <= 3  # plain hashing would put about a third (11) of them there
+
+
 def test_cold_prefixes_are_not_spread():
     clock = Clock()
     r = Router(hot_min_requests=10, clock=clock)
     loads = dict.fromkeys("abcd", 0)
     picks = Counter()
+    holders: dict[int, str] = {}
     for i in range(200):
         clock.t += 0.05
         h = hashes_for(i % 10)  # ten prefixes, 10% each: none is hot
-        d = r.choose(cands(loads), h)
+        held = {holders[i % 10]: len(h)} if i % 10 in holders else {}
+        d = r.choose(cands(loads, held), h)
+        holders[i % 10] = d.worker_id
         picks[(i % 10, d.worker_id)] += 1
     assert len(picks) == 10  # every prefix stayed on one worker
 
