@@ -500,6 +500,39 @@ def test_autoscaler_holds_without_load(cluster: Any, operator: Any, redis_server
     assert obj["status"]["autoscaling"]["reason"] == "NoMetrics"
 
 
+def test_a_refused_child_degrades_the_status_until_fixed(cluster: Any, operator: Any) -> None:
+    """The API server refuses the worker Deployment (a pod override Deployments do not allow): the status
+    says why, observedGeneration stays behind, and fixing the spec recovers."""
+    obj = inference_deployment("refused", podTemplate={"spec": {"restartPolicy": "Never"}})
+    cluster.apply(obj)
+
+    def degraded() -> dict | None:
+        got = get(cluster, crd.PLURAL, "refused")
+        return got if condition(got, "Degraded").get("reason") == "ApplyFailed" else None
+
+    got = cluster.wait_for(degraded, timeout=60, what="Degraded=ApplyFailed")
+    assert condition(got, "Degraded")["status"] == "True"
+    assert 'restartPolicy: Unsupported value: "Never"' in condition(got, "Degraded")["message"]
+    assert got["status"].get("observedGeneration") != got["metadata"]["generation"]
+    events = get(cluster, "events", "--field-selector", "involvedObject.name=refused")["items"]
+    assert any(e["reason"] == "ApplyFailed" and e["type"] == "Warning" for e in events)
+
+    cluster.kubectl(
+        "patch", crd.PLURAL, "refused", "-n", NAMESPACE, "--type=json",
+        "-p", json.dumps([{"op": "remove", "path": "/spec/podTemplate"}]),
+    )  # fmt: skip
+
+    def recovered() -> dict | None:
+        got = get(cluster, crd.PLURAL, "refused")
+        ok = condition(got, "Degraded").get("status") == "False"
+        return (
+            got if ok and got["status"].get("observedGeneration") == got["metadata"]["generation"] else None
+        )
+
+    cluster.wait_for(recovered, timeout=60, what="recovered")
+    assert get(cluster, "deployment", "refused-worker") is not None
+
+
 def test_deleting_removes_every_child(cluster: Any, operator: Any) -> None:
     cluster.kubectl("delete", crd.PLURAL, "smollm2", "-n", NAMESPACE, "--wait=true", "--timeout=60s")
 
