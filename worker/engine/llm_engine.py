@@ -123,6 +123,7 @@ class LLMEngine:
                 self.stats.prompt_tokens += seq.num_prompt_tokens
                 self.stats.prefix_cache_queries += seq.num_prompt_tokens
                 self.stats.prefix_cache_hits += seq.num_cached_tokens
+        self.stats.model_tokens += out.total_tokens
         sampled, tokens = self.runner.execute(out)
         for seq, n in zip(out.seqs, out.num_tokens):
             seq.num_computed_tokens += n

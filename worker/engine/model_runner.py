@@ -61,6 +61,19 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
+            from kvmesh.worker.engine.cuda_graphs import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(
+                self.model,
+                self.kv_cache,
+                config.max_num_seqs,
+                self.max_positions,
+                self.block_size,
+                self.device,
+            )
+            self.graphs.capture()
 
     @property
     def block_bytes(self) -> int:
@@ -142,28 +155,36 @@ class ModelRunner:
                 sample_seqs.append(seq)
         max_blocks = max(len(s.block_table) for s in out.seqs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in out.seqs]
-        dev = self.device
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=self._to_device(qsl, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32),
+            slot_mapping=self._to_device(slots, torch.int64),
             max_query_len=max(out.num_tokens),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        input_ids = self._to_device(ids, torch.long)
+        pos = self._to_device(positions, torch.long)
         return input_ids, pos, meta, logits_rows, sample_seqs
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """Host lists go through pinned memory with asynchronous copies on the GPU."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list, list[int]]:
         """Runs the step; returns the sequences that sampled and their new tokens."""
         input_ids, positions, meta, logits_rows, sample_seqs = self.prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta)
         if not sample_seqs:
             return [], []
-        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        rows = self._to_device(logits_rows, torch.long)
         logits = self.model.compute_logits(hidden[rows])
         return sample_seqs, sample(logits, sample_seqs)

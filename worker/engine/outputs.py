@@ -59,3 +59,4 @@ class EngineStats:
     prefix_cache_hits: int = 0  # prompt tokens found cached
     preemptions: int = 0
     finished_requests: int = 0
+    model_tokens: int = 0  # tokens run through the model (prefill chunks and decodes)
