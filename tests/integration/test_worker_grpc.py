@@ -86,11 +86,13 @@ async def test_greedy_matches_offline_engine(channel, offline_llm) -> None:
         await generate(channel, build_request(PROMPT, max_tokens=16, temperature=0), timeout=120),
         await generate(channel, build_request(messages=chat, max_tokens=16, temperature=0), timeout=120),
     ]
-    prompts = [offline_llm.tokenize_text(PROMPT), offline_llm.tokenize_chat(chat)]
-    offline = await offline_generate(offline_llm, prompts, SamplingParams(max_tokens=16, temperature=0.0))
-    for remote, (ids, text) in zip(over_grpc, offline, strict=True):
-        assert remote.token_ids == ids
-        assert remote.text == text
+    prompts = [PROMPT, offline_llm.encode_chat(chat)]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    offline = await asyncio.to_thread(offline_llm.generate, prompts, params)
+    for remote, local in zip(over_grpc, offline, strict=True):
+        assert remote.token_ids == local.token_ids
+        assert remote.text == local.text
+        assert remote.prompt_tokens == len(local.prompt_token_ids)
     assert "Paris" in over_grpc[1].text
 
 
@@ -315,29 +317,11 @@ async def test_sigterm_drains_then_exits_cleanly(small_worker) -> None:
     assert "Worker stopped" in small_worker.log()
 
 
-# The offline engine in this process, for the greedy comparison.
+# The offline engine (``LLM``) in this process, for the greedy comparison.
 
 
 @pytest.fixture(scope="module")
 def offline_llm():
-    from kvmesh.worker.engine.async_engine import AsyncEngine
-    from kvmesh.worker.engine.config import EngineConfig
+    from kvmesh.worker.engine.llm import LLM
 
-    return AsyncEngine(EngineConfig(model="default", num_blocks=256, max_model_len=2048))
-
-
-async def offline_generate(engine, prompts: list[list[int]], params) -> list[tuple[list[int], str]]:
-    """Runs each prompt alone through an in-process engine started on this test's event loop."""
-
-    async def one(i: int, ids: list[int]) -> tuple[list[int], str]:
-        tokens, text = [], ""
-        async for out in engine.generate(ids, params, f"offline-{i}"):
-            tokens += out.token_ids
-            text += out.text
-        return tokens, text
-
-    engine.start()
-    try:
-        return [await one(i, ids) for i, ids in enumerate(prompts)]
-    finally:
-        await engine.shutdown()
+    return LLM("default", num_blocks=256, max_model_len=2048)
