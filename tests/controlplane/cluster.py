@@ -98,8 +98,9 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child mus
 
 def _die_with_parent() -> None:
     # Runs in the child before exec: if the test process dies without cleaning up (SIGKILL), the kernel
-    # sends the control-plane process SIGTERM instead of leaving it running.
-    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # kills the control-plane process instead of leaving it running. SIGKILL, not SIGTERM: all of them
+    # get it at once, and a kube-apiserver shutting down gracefully after etcd is gone never finishes.
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _Pki:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
-from .cluster import Binaries, Cluster, ClusterError, read_versions
+from .cluster import REPO_ROOT, Binaries, Cluster, ClusterError, read_versions
 
 pytestmark = pytest.mark.controlplane
 
@@ -108,3 +111,43 @@ def test_missing_binaries_name_the_build_script(tmp_path) -> None:
     binaries = Binaries(root=tmp_path)
     with pytest.raises(ClusterError, match=r"scripts/controlplane/build\.sh"):
         binaries.require()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_stop_ends_every_process_and_removes_its_files(kube: Cluster) -> None:
+    cluster = Cluster().start()
+    pids = [p.pid for p in cluster._procs.values()]
+    assert len(pids) == 3 and all(map(_alive, pids))
+    cluster.stop()
+    assert not any(map(_alive, pids))
+    assert not cluster.dir.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_test_process_takes_the_control_plane_with_it(kube: Cluster, tmp_path: Path) -> None:
+    # A pytest killed with SIGKILL runs no finalizer: the children must still go (PR_SET_PDEATHSIG).
+    script = (
+        "import json, sys, time\n"
+        "from tests.controlplane.cluster import Cluster\n"
+        "c = Cluster().start()\n"
+        "print(json.dumps({'dir': str(c.dir), 'pids': [p.pid for p in c._procs.values()]}), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        started = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    try:
+        kube.wait_for(lambda: not any(map(_alive, started["pids"])), timeout=30, what="the orphans to exit")
+    finally:
+        shutil.rmtree(started["dir"], ignore_errors=True)
