@@ -88,6 +88,10 @@ build_etcd() {
   log "built etcd in $((SECONDS - start))s"
 }
 
+# One build at a time per cache (two `make test` at once would share the wrapper and output dirs).
+mkdir -p "$cache"
+exec 9>"$cache/.build.lock"
+flock 9
 build_etcd
 build_kubernetes
 echo "kube-apiserver:          $k8s_bin/kube-apiserver"
