@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -339,6 +340,16 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def default_advertise_address(host: str, port: int) -> str:
+    """host:port for others to dial; a wildcard listen address is replaced by this host's address."""
+    if host not in ("", "0.0.0.0", "::", "[::]"):
+        return host_port(host, port)
+    try:
+        return host_port(socket.gethostbyname(socket.gethostname()), port)
+    except OSError:
+        return host_port(socket.gethostname(), port)
+
+
 async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
     for service in SERVICES:
         await servicer.set(service, status)
@@ -401,7 +412,7 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     state.engine = engine
     metrics.bind(engine)
     try:
-        reporter, reporter_task = await start_reporter(options, engine, address)
+        reporter, reporter_task = await start_reporter(options, engine, port)
     except Exception:
         logger.exception("Failed to start the Redis reporter redis_url=%s", options.redis_url)
         await server.stop(0)
@@ -422,12 +433,12 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     return 0
 
 
-async def start_reporter(options: ServerOptions, engine: AsyncEngine, address: str) -> tuple[Any, Any]:
+async def start_reporter(options: ServerOptions, engine: AsyncEngine, port: int) -> tuple[Any, Any]:
     if not options.redis_url:
         return None, None
     from kvmesh.worker.reporter import Reporter  # lazy: only workers that report need redis
 
-    advertised = options.advertise_address or address
+    advertised = options.advertise_address or default_advertise_address(options.host, port)
     reporter = Reporter(
         engine, options.redis_url, options.deployment, options.worker_id, advertised, engine.model_name
     )

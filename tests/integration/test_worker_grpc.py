@@ -24,6 +24,7 @@ from kvmesh.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+DEPLOYMENT = "grpc-test"
 PROMPT = "The capital of France is"
 LONG_TEXT = " ".join(
     f"Section {i}: the quick brown fox jumps over the lazy dog while the river keeps flowing."
@@ -37,10 +38,26 @@ def worker(worker_launcher):
 
 
 @pytest.fixture(scope="module")
-def small_worker(worker_launcher):
-    return worker_launcher.start(
-        "grpc-small", extra=[*WORKER_ARGS, "--max-waiting", "1", "--max-num-seqs", "1"]
-    )
+def small_worker(worker_launcher, request):
+    """One running slot, one waiting slot; reports to Redis when a redis-server is installed."""
+    try:
+        redis_url = request.getfixturevalue("module_redis_server").url
+    except pytest.skip.Exception:
+        redis_url = None
+    extra = [*WORKER_ARGS, "--max-waiting", "1", "--max-num-seqs", "1"]
+    worker = worker_launcher.start("grpc-small", redis_url=redis_url, deployment=DEPLOYMENT, extra=extra)
+    worker.redis_url = redis_url
+    return worker
+
+
+async def registered_workers(redis_url: str) -> dict[str, str]:
+    from kvmesh.store.redis_store import RedisStore
+
+    store = RedisStore(redis_url, DEPLOYMENT)
+    try:
+        return {w.worker_id: w.address for w in await store.list_workers()}
+    finally:
+        await store.close()
 
 
 @pytest.fixture
@@ -165,6 +182,36 @@ async def test_bad_input_messages_are_clear(channel) -> None:
     for needle, request in cases.items():
         error = await expect_error(channel, request)
         assert needle in error.details(), error.details()
+
+
+async def test_duplicate_running_request_id_is_refused(channel) -> None:
+    first = stream(channel, build_request(PROMPT, max_tokens=200, ignore_eos=True, request_id="dup-1"))
+    await anext(first)
+    error = await expect_error(channel, build_request(PROMPT, max_tokens=2, request_id="dup-1"))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    await first.aclose()
+    await wait_idle(channel)
+
+
+def test_unset_proto_fields_keep_sampling_defaults() -> None:
+    from kvmesh.worker.engine.sampling_params import SamplingParams
+    from kvmesh.worker.server import sampling_params
+
+    defaults = SamplingParams()
+    unset = sampling_params(inference_pb2.SamplingParams(), prompt_len=10, max_model_len=2048)
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.seed) == (
+        defaults.temperature, defaults.top_p, defaults.top_k, defaults.seed,
+    )  # fmt: skip
+    assert unset.max_tokens == 256
+    # The default max_tokens shrinks to the context left instead of failing the request.
+    assert sampling_params(inference_pb2.SamplingParams(), 2000, 2048).max_tokens == 48
+    # Explicit zeros are kept (and validated by the engine), not mistaken for "unset".
+    zeros = sampling_params(
+        inference_pb2.SamplingParams(max_tokens=0, temperature=0, top_p=0, seed=0),
+        prompt_len=10,
+        max_model_len=2048,
+    )
+    assert (zeros.max_tokens, zeros.temperature, zeros.top_p, zeros.seed) == (0, 0.0, 0.0, 0)
 
 
 async def test_concurrent_clients_all_complete(channel) -> None:
@@ -296,6 +343,11 @@ async def test_sigterm_drains_then_exits_cleanly(small_worker) -> None:
             status = (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
 
+        if small_worker.redis_url:  # the reporter registered the worker under its advertised address
+            assert (await registered_workers(small_worker.redis_url)).get(
+                "grpc-small"
+            ) == small_worker.address
+
         responses = stream(ch, build_request(PROMPT, max_tokens=40, ignore_eos=True, temperature=0))
         first = await anext(responses)
         small_worker.proc.send_signal(signal.SIGTERM)
@@ -315,6 +367,8 @@ async def test_sigterm_drains_then_exits_cleanly(small_worker) -> None:
 
     assert small_worker.proc.wait(60) == 0
     assert "Worker stopped" in small_worker.log()
+    if small_worker.redis_url:  # and deregistered it on the way out
+        assert "grpc-small" not in await registered_workers(small_worker.redis_url)
 
 
 # The offline engine (``LLM``) in this process, for the greedy comparison.
