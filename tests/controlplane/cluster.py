@@ -329,6 +329,7 @@ class Cluster:
             ],
         )
         admin_crt, admin_key = pki.issue("admin", "/O=system:masters/CN=kvmesh-admin")
+        proxy_crt, proxy_key = pki.issue("front-proxy-client", "/CN=front-proxy-client")
         write_kubeconfig(
             self.kubeconfig,
             self.server,
@@ -357,6 +358,15 @@ class Cluster:
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
+                # The aggregation layer's front proxy, as kubeadm sets it up: aggregated APIs work and
+                # the controller-manager finds the request-header CA it looks for.
+                f"--requestheader-client-ca-file={pki.ca_crt}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={proxy_crt}",
+                f"--proxy-client-key-file={proxy_key}",
                 "--profiling=false",
                 "--v=1",
             ],

@@ -123,7 +123,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_stop_ends_every_process_and_removes_its_files(kube: Cluster) -> None:
-    cluster = Cluster().start()
+    cluster = Cluster(keep=False).start()
     pids = [p.pid for p in cluster._procs.values()]
     assert len(pids) == 3 and all(map(_alive, pids))
     cluster.stop()
