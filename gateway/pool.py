@@ -146,8 +146,12 @@ class WorkerPool:
         self._spawn(self._record(worker_id, list(hashes)))
 
     async def any_conn(self, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerConn | None:
-        """A live worker, fewest in flight first, for Tokenize and ListModels."""
-        workers = (await self.view([])).workers
+        """A live worker, fewest in flight first, for Tokenize and ListModels. Uses the worker list
+        of the last routing decision when it is fresh, so tokenizing costs no store read."""
+        if self.known and time.monotonic() - self._known_at < 1.0:
+            workers = self.known
+        else:
+            workers = (await self.view([])).workers
         now = time.monotonic()
         conns = [self.conn(w) for w in workers if w.worker_id not in exclude]
         conns = [c for c in conns if c.down_until <= now]
