@@ -185,6 +185,7 @@ class Cluster:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._pki: _Pki | None = None
         self._stopped = False
+        atexit.register(self.stop)  # removes the directory even if start() is never called
         # Everything a kubectl/helm/operator subprocess needs, with caches kept out of $HOME.
         self.env = {
             **os.environ,
@@ -201,7 +202,6 @@ class Cluster:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> Cluster:
-        atexit.register(self.stop)
         try:
             self.binaries.require()
             self._pki = _Pki(self.dir / "pki")
@@ -243,8 +243,7 @@ class Cluster:
         self.stop()
 
     def _spawn(self, name: str, args: Sequence[Any]) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
-        with log:
+        with open(self.log_dir / f"{name}.log", "wb") as log:  # the child keeps its own copy
             proc = subprocess.Popen(
                 [str(a) for a in args],
                 stdin=subprocess.DEVNULL,
