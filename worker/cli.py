@@ -12,6 +12,10 @@ import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmesh.worker.engine.async_engine import AsyncEngine
 
 # flag -> (EngineConfig field, type, help). Omitted flags keep EngineConfig's default.
 ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -78,8 +82,6 @@ def setup_logging(level: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    # Imported here: `kvmesh worker --help` should not pay for torch.
-    from kvmesh.worker.engine.async_engine import AsyncEngine
     from kvmesh.worker.engine.config import EngineConfig
     from kvmesh.worker.server import ServerOptions, serve
 
@@ -99,4 +101,12 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         shutdown_grace=args.shutdown_grace,
     )
-    return asyncio.run(serve(options, lambda: AsyncEngine(config)))
+
+    def load_engine() -> AsyncEngine:
+        # Imported in the loading thread: torch and transformers take seconds to import, and the
+        # port should already answer health checks (NOT_SERVING) meanwhile.
+        from kvmesh.worker.engine.async_engine import AsyncEngine
+
+        return AsyncEngine(config)
+
+    return asyncio.run(serve(options, load_engine))

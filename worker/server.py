@@ -70,6 +70,7 @@ class WorkerState:
         self.metrics = metrics
         self.engine: AsyncEngine | None = None
         self.draining = False
+        self.engine_failed = asyncio.Event()  # set when the engine dies outside a shutdown
         self.in_flight: set[str] = set()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -199,7 +200,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     self.finish(response, out, arrival, first_token_at)
                 yield response
         except (InvalidRequest, QueueFull, EngineStopped) as e:
-            admitted = False  # refused before admission: nothing to abort
+            admitted = False  # refused before admission (or the engine is gone): nothing to abort
+            if isinstance(e, EngineStopped) and not state.draining:
+                state.engine_failed.set()
             await state.reject(context, ENGINE_ERRORS[type(e)], str(e))
         except asyncio.CancelledError:
             logger.debug("Cancelled request id=%s (client cancel or deadline)", request_id)
@@ -425,12 +428,20 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
         address, engine.model_name, engine.max_model_len, options.worker_id, metrics_port,
     )  # fmt: skip
 
-    await stopping
+    failed = asyncio.ensure_future(state.engine_failed.wait())
+    await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if not stop.is_set():  # the engine died: stop now, so the orchestrator restarts the worker
+        logger.error("Engine stopped unexpectedly; shutting down worker_id=%s", options.worker_id)
+        exit_code = 1
+        force.set()
+    stopping.cancel()
+    failed.cancel()
     await drain(options, state, health_servicer, server, reporter, reporter_task, force)
     await engine.shutdown()
     metrics.close()
-    logger.info("Worker stopped worker_id=%s", options.worker_id)
-    return 0
+    logger.info("Worker stopped worker_id=%s exit_code=%d", options.worker_id, exit_code)
+    return exit_code
 
 
 async def start_reporter(options: ServerOptions, engine: AsyncEngine, port: int) -> tuple[Any, Any]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from worker_fixtures import WORKER_ARGS, get_load, scrape, tokenize, wait_idle
+from worker_fixtures import WORKER_ARGS, get_load, scrape, tokenize, wait_for_port, wait_idle
 
 from kvmesh.client import build_request, generate, stream
 from kvmesh.prefix import block_hashes
@@ -38,16 +40,25 @@ def worker(worker_launcher):
 
 
 @pytest.fixture(scope="module")
-def small_worker(worker_launcher, request):
+def small_worker_loading(worker_launcher, request):
     """One running slot, one waiting slot; reports to Redis when a redis-server is installed."""
     try:
         redis_url = request.getfixturevalue("module_redis_server").url
     except pytest.skip.Exception:
         redis_url = None
     extra = [*WORKER_ARGS, "--max-waiting", "1", "--max-num-seqs", "1"]
-    worker = worker_launcher.start("grpc-small", redis_url=redis_url, deployment=DEPLOYMENT, extra=extra)
+    worker = worker_launcher.start(
+        "grpc-small", redis_url=redis_url, deployment=DEPLOYMENT, extra=extra, wait=False
+    )
     worker.redis_url = redis_url
+    worker.checked_loading = False
     return worker
+
+
+@pytest.fixture
+def small_worker(small_worker_loading, worker_launcher):
+    worker_launcher.wait_ready(small_worker_loading)
+    return small_worker_loading
 
 
 async def registered_workers(redis_url: str) -> dict[str, str]:
@@ -315,6 +326,34 @@ async def test_metrics_endpoint(channel, worker) -> None:
         'kvmesh:request_rejected_total{code="INVALID_ARGUMENT"}',
     ):
         assert samples.get(name, 0) > 0, name
+
+
+async def test_not_serving_while_the_model_loads(small_worker_loading) -> None:
+    """The port opens before the model loads: health says NOT_SERVING and generations UNAVAILABLE."""
+    await wait_for_port(small_worker_loading.port)
+    async with grpc.aio.insecure_channel(small_worker_loading.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            pytest.skip("the model loaded before the first health check")
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        error = await expect_error(ch, build_request(PROMPT, max_tokens=2))
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            assert "loading" in error.details()
+
+
+def test_generate_command_streams_and_reports(worker) -> None:
+    base = [sys.executable, "-m", "kvmesh.cli", "generate", "--target", worker.address]
+    ok = subprocess.run(
+        [*base, "--max-tokens", "6", "--temperature", "0", PROMPT], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "Paris" in ok.stdout
+    assert "finish=length" in ok.stderr and "completion_tokens=6" in ok.stderr
+
+    bad = subprocess.run([*base, "--top-p", "2", PROMPT], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: INVALID_ARGUMENT: top_p")
 
 
 async def test_queue_full_is_resource_exhausted(small_worker) -> None:

@@ -24,6 +24,21 @@ WORKER_ARGS = [
 ]
 
 
+async def wait_for_port(port: int, timeout_s: float = 240.0) -> None:
+    """Polls a TCP connect (a gRPC channel's reconnect backoff would be far too coarse)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        return
+
+
 async def get_load(channel: grpc.aio.Channel) -> worker_pb2.Load:
     return await worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10)
 
