@@ -203,7 +203,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             admitted = False  # refused before admission (or the engine is gone): nothing to abort
             if isinstance(e, EngineStopped) and not state.draining:
                 state.engine_failed.set()
-            await state.reject(context, ENGINE_ERRORS[type(e)], str(e))
+            code = next(c for kind, c in ENGINE_ERRORS.items() if isinstance(e, kind))
+            await state.reject(context, code, str(e))
         except asyncio.CancelledError:
             logger.debug("Cancelled request id=%s (client cancel or deadline)", request_id)
             state.metrics.observe_cancelled()
