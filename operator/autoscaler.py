@@ -121,9 +121,9 @@ def decide(current: int, samples: Sequence[LoadSnapshot], policy: AutoscalingPol
     metric = latest.per_replica(policy.metric)
     recs = [(s.time, recommend(current, s, policy)) for s in live]
     up = min(r for t, r in recs if t >= now - policy.scale_up_window or t == latest.time)
-    down_window = [r for t, r in recs if t >= now - policy.scale_down_window]
+    down_recs = [r for t, r in recs if t >= now - policy.scale_down_window or t == latest.time]
     covered = live[0].time <= now - policy.scale_down_window
-    down = max(down_window) if covered else current
+    down = max(down_recs) if covered else current
     desired = current
     if up > current:
         desired = min(up, max(2 * current, current + 4))

@@ -90,7 +90,7 @@ def _write(outcome: Outcome, patch: kopf.Patch, body: Any, logger: logging.Logge
     name = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     if outcome.changed:
         children = ", ".join(outcome.changed)
-        logger.info("Applied InferenceDeployment children", extra={"object": name, "children": children})
+        logger.info(f"Applied InferenceDeployment children: {children}", extra={"children": children})
         kopf.event(body, type="Normal", reason="Applied", message=f"Applied {children}.")
     if outcome.error:
         kopf.event(body, type="Warning", reason="ApplyFailed", message=outcome.error)

@@ -158,7 +158,7 @@ def test_operator_with_chart_service_account_reconciles_without_forbidden(
     sa_kubeconfig = installed.sa_kubeconfig(NAMESPACE, OPERATOR_SA)
     operator = OperatorProcess(
         sa_kubeconfig, tmp_path / "operator.log", "--all-namespaces", f"--redis-url={redis.url}",
-        "--redis-secret=kvmesh-redis:url",
+        "--redis-secret=kvmesh-redis:url", "--log-format=json",
     )  # fmt: skip
     try:
         operator.wait_healthy()
@@ -196,6 +196,16 @@ def test_operator_with_chart_service_account_reconciles_without_forbidden(
         log = operator.log()
         assert "Forbidden" not in log and " 403" not in log, log[-6000:]
         assert "Traceback" not in log, log[-6000:]
+        # Structured logs: one JSON object per line, per-object lines name their object.
+        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        assert records and len(records) == len([x for x in log.splitlines() if x.strip()]), log[-3000:]
+        applied = [
+            r for r in records if str(r.get("message")).startswith("Applied InferenceDeployment children")
+        ]
+        assert applied and applied[0]["object"]["kind"] == "InferenceDeployment", applied[:1]
+        # kopf retries (and logs as errors) the 429s of a CRD whose storage is still initializing.
+        errors = [r for r in records if r["severity"] not in ("debug", "info")]
+        assert all("storage is (re)initializing" in r["message"] for r in errors), errors
     finally:
         for name in ("smollm2", "llama-8b"):
             installed.kubectl("delete", crd.PLURAL, name, "-n", NAMESPACE, "--ignore-not-found", check=False)

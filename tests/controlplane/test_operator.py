@@ -44,7 +44,7 @@ class OperatorProcess:
         cmd = [
             sys.executable, "-m", "kvmesh.cli", "operator",
             f"--kubeconfig={kubeconfig}",
-            "--standalone",
+            *([] if any(a.startswith("--peering") for a in args) else ["--standalone"]),
             f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
             f"--resync-seconds={RESYNC}",
             f"--worker-image={WORKER_IMAGE}",
@@ -551,6 +551,46 @@ def test_deleting_removes_every_child(cluster: Any, operator: Any) -> None:
         )
 
     cluster.wait_for(gone, timeout=90, interval=1, what="garbage collection of the children")
+
+
+def test_peering_keeps_one_active_operator(cluster: Any, tmp_path: Path) -> None:
+    """Two operators sharing a kopf peering: the higher priority one works, the other waits, and takes
+    over when the first one stops."""
+    ns = "kvmesh-peering"
+    if cluster.kubectl("get", "namespace", ns, check=False).returncode != 0:
+        cluster.kubectl("create", "namespace", ns)
+    cluster.kubectl("apply", "-f", str(CRD_FILE.parent / "kopfpeerings.kopf.dev.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    cluster.apply(
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kvmesh", "namespace": ns}}
+    )
+    common = (f"--namespace={ns}", "--peering=kvmesh", "--no-autoscaler")
+    high = OperatorProcess(cluster.kubeconfig, tmp_path / "high.log", *common, "--priority=20")
+    low = OperatorProcess(cluster.kubeconfig, tmp_path / "low.log", *common, "--priority=10")
+    try:
+        high.wait_healthy()
+        low.wait_healthy()
+
+        def peers() -> int:
+            peering = get(cluster, "kopfpeering", "kvmesh", namespace=ns) or {}
+            return len(peering.get("status") or {})
+
+        cluster.wait_for(lambda: peers() == 2, timeout=60, what="both operators in the peering")
+        time.sleep(2)  # the low one sees the high one's entry and pauses
+        obj = inference_deployment("peered")
+        obj["metadata"]["namespace"] = ns
+        cluster.apply(obj)
+        cluster.wait_for(lambda: get(cluster, "deployment", "peered-worker", namespace=ns), timeout=60)
+        assert "Applied InferenceDeployment children" in high.log()
+        assert "Applied InferenceDeployment children" not in low.log()
+        high.stop()
+        cluster.kubectl("delete", "service", "peered-worker", "-n", ns)
+        cluster.wait_for(lambda: "Resuming operations" in low.log(), timeout=90, what="low resumes")
+        cluster.wait_for(lambda: get(cluster, "service", "peered-worker", namespace=ns), timeout=60)
+    finally:
+        high.stop()
+        low.stop()
+        print(high.log()[-3000:], low.log()[-3000:])
 
 
 def test_operator_log_is_free_of_errors(operator: Any) -> None:

@@ -173,3 +173,11 @@ def test_aggregate_skips_stale_and_malformed_workers() -> None:
     snap = aggregate(hashes, now, stale_after=30)
     assert (snap.workers, snap.running, snap.waiting) == (2, 4, 2)
     assert abs(snap.kv_usage - 0.3) < 1e-9
+
+
+def test_windows_shorter_than_the_sampling_period() -> None:
+    """A window shorter than the time since the last sample still decides on the latest sample."""
+    policy = AutoscalingPolicy(target=4, max_replicas=4, scale_up_window=0, scale_down_window=6)
+    samples = [load(100, 4, 0), load(110, 4, 0)]
+    assert decide(4, samples, policy, now=125).desired == 1
+    assert decide(1, [load(100, 1, 40)], policy, now=125).desired == 4
