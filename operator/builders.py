@@ -168,15 +168,17 @@ def worker_command(name: str, spec: Manifest) -> list[str]:
         _number(engine["gpuMemoryUtilization"]),
         "--tensor-parallel-size",
         str(engine["tensorParallelSize"]),
+        *(["--served-model-name", spec["model"]["servedName"]] if spec["model"].get("servedName") else []),
         *engine.get("extraArgs", []),
     ]
 
 
 def gateway_args(name: str, spec: Manifest, redis_url: str = "$(KVMESH_REDIS_URL)") -> list[str]:
-    """Arguments of a `kvmesh gateway` serving this deployment (written into the ConfigMap)."""
+    """Arguments of a `kvmesh gateway` serving this deployment (written into the ConfigMap).
+
+    No block size: gateways take it from the workers' registrations (the same engine.blockSize)."""
     spec = crd.apply_defaults(spec)
     routing = spec["routing"]
-    block_size = routing.get("blockSize") or spec["engine"]["blockSize"]
     return [
         "--host",
         "0.0.0.0",
@@ -192,8 +194,6 @@ def gateway_args(name: str, spec: Manifest, redis_url: str = "$(KVMESH_REDIS_URL
         routing["policy"],
         "--load-factor",
         _number(routing["loadFactor"]),
-        "--block-size",
-        str(block_size),
     ]
 
 

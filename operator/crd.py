@@ -126,7 +126,12 @@ _ROUTING: Schema = {
     "properties": {
         "policy": {"type": "string", "enum": ["prefix", "least-load", "round-robin"], "default": "prefix"},
         "loadFactor": _num(1.25, 1.0, 100.0, description="Skip workers above loadFactor x mean load."),
-        "blockSize": _int(None, 1, 256, description="Prefix-hash block size; defaults to engine.blockSize."),
+        "blockSize": _int(
+            None,
+            1,
+            256,
+            description="Prefix-hash block size; must equal engine.blockSize (workers announce it).",
+        ),
     },
 }
 

@@ -192,6 +192,12 @@ def test_model_sources_mount_and_point_the_worker(model: dict, volume: dict, mod
     assert env_of(worker(dep))["KVMESH_MODEL"]["value"] == model["source"]
 
 
+def test_served_name_is_a_worker_flag() -> None:
+    command = builders.worker_command("llama", spec(model={"source": "hf://a/b", "servedName": "llama-3"}))
+    assert command[command.index("--served-model-name") + 1] == "llama-3"
+    assert "--served-model-name" not in builders.worker_command("llama", spec())
+
+
 def test_hf_revision_and_tokenizer_travel_by_env() -> None:
     s = spec(model={"source": "hf://a/b", "revision": "v2", "tokenizer": "a/tok"})
     env = env_of(worker(builders.build_worker_deployment(OWNER, s, CONFIG)))
@@ -290,7 +296,7 @@ def test_pdb_allows_one_voluntary_disruption() -> None:
 def test_configmap_resolves_routing_block_size_and_gateway_args() -> None:
     data = builders.build_configmap(OWNER, spec(engine={"blockSize": 32}))["data"]
     assert '"blockSize": 32' in data["deployment.json"]
-    assert "--block-size 32" in data["gateway-args"] and "--policy prefix" in data["gateway-args"]
+    assert "--policy prefix" in data["gateway-args"] and "--load-factor 1.25" in data["gateway-args"]
     assert "--deployment llama" in data["gateway-args"]
 
 
