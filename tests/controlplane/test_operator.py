@@ -423,6 +423,41 @@ def test_kubectl_scale_changes_the_deployment(cluster: Any, operator: Any) -> No
     assert scale["status"]["selector"] == builders.selector_string("smollm2")
 
 
+def test_an_hpa_scales_through_the_scale_subresource(cluster: Any, operator: Any) -> None:
+    """The controller-manager's HPA controller reads and writes our scale subresource: below its
+    minReplicas it scales up (no metrics needed for that), and the operator follows."""
+    cluster.apply(inference_deployment("hpa-target", replicas=1))
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "hpa-target", "namespace": NAMESPACE},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "name": "hpa-target"},
+            "minReplicas": 2,
+            "maxReplicas": 3,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 50}},
+                }
+            ],
+        },
+    }
+    cluster.apply(hpa)
+    cluster.wait_for(
+        lambda: (get(cluster, "deployment", "hpa-target-worker") or {}).get("spec", {}).get("replicas") == 2,
+        timeout=90,
+        interval=1,
+        what="HPA scaled the worker Deployment to its minReplicas",
+    )
+    assert get(cluster, crd.PLURAL, "hpa-target")["spec"]["replicas"] == 2
+    status = get(cluster, "hpa", "hpa-target")["status"]
+    able = [c for c in status.get("conditions", []) if c["type"] == "AbleToScale"]
+    assert able and able[0]["status"] == "True", status
+    cluster.kubectl("delete", "hpa", "hpa-target", "-n", NAMESPACE)
+    cluster.kubectl("delete", crd.PLURAL, "hpa-target", "-n", NAMESPACE)
+
+
 def test_drift_is_repaired(cluster: Any, operator: Any) -> None:
     cluster.kubectl(
         "patch", "deployment", "smollm2-worker", "-n", NAMESPACE, "--type=merge",
