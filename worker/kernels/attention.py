@@ -62,6 +62,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SKIP_DECODE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -107,12 +108,12 @@ def _prefill_kernel(
         slot_v = block * stride_vb + (n % BLOCK_SIZE) * stride_vt
         k = tl.load(k_base + slot_k[:, None], mask=d_mask[None, :], other=0.0)
         v = tl.load(v_base + slot_v[:, None], mask=d_mask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     for start in range(unmasked_end, kv_end, BLOCK_N):
         n = start + offs_n
@@ -123,14 +124,14 @@ def _prefill_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + slot_k[:, None], mask=kv_mask, other=0.0)
         v = tl.load(v_base + slot_v[:, None], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = (n[None, :] <= pos[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -171,6 +172,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -213,13 +215,13 @@ def _decode_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + slot_k[:, None], mask=kv_mask, other=0.0)
         v = tl.load(v_base + slot_v[:, None], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     # An empty split (short sequence) leaves l_i == 0: weight -inf, output 0.
@@ -338,6 +340,8 @@ def paged_attention(
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     scale_log2 = scale * _LOG2E
+    # float32 caches get full-precision dots (exact-match checks); bf16/fp16 ignore this.
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
     interp = _interpreting()
     common = (
         k_cache.stride(0),
@@ -376,6 +380,7 @@ def paged_attention(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             SKIP_DECODE=True,
+            PRECISION=precision,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -414,6 +419,7 @@ def paged_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=_decode_block_n(),
+        PRECISION=precision,
         num_warps=DECODE_CONFIG["num_warps"],
         num_stages=DECODE_CONFIG["num_stages"],
     )
