@@ -15,6 +15,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one fused Triton kernel, same rounding
+            from kvmesh.worker.kernels.norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -25,6 +29,10 @@ class SiluAndMul(nn.Module):
     """Input ``[..., 2 * I]`` holding gate then up projections."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from kvmesh.worker.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -57,9 +65,16 @@ class RotaryEmbedding(nn.Module):
         # Plain attributes, not buffers: the tables stay float32 when the model is cast.
         self.cos = emb.cos() * scaling
         self.sin = emb.sin() * scaling
+        half = head_dim // 2
+        self.cos_sin = torch.cat((self.cos[:, :half], self.sin[:, :half]), dim=-1)  # the GPU kernel's table
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q ``[T, H, D]``, k ``[T, Hkv, D]``; returns both rotated, in their dtype."""
+        if q.is_cuda:  # in place, one Triton launch for q and k
+            from kvmesh.worker.kernels.rotary import apply_rotary
+
+            apply_rotary(positions, q, k, self.cos_sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         q_out = q.float() * cos + _rotate_half(q.float()) * sin
