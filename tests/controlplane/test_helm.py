@@ -151,13 +151,28 @@ def test_operator_rbac_is_least_privilege(installed: Any) -> None:
         assert not can_i(installed, verb, resource), (verb, resource)
 
 
+@pytest.mark.parametrize("scope", ["cluster-wide", "namespaced"])
 def test_operator_with_chart_service_account_reconciles_without_forbidden(
-    installed: Any, tmp_path: Path
+    installed: Any, tmp_path: Path, scope: str
 ) -> None:
+    if scope == "namespaced":
+        # Roles in the watched namespace instead of cluster-wide rules.
+        installed.helm(
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--set",
+            f"operator.watchNamespaces={{{NAMESPACE}}}",
+        )
+        assert can_i(installed, "patch", "deployments.apps")
+        assert not can_i(installed, "patch", "deployments.apps", namespace="default")
+    watch = "--all-namespaces" if scope == "cluster-wide" else f"--namespace={NAMESPACE}"
     redis = RedisServer(tmp_path)
     sa_kubeconfig = installed.sa_kubeconfig(NAMESPACE, OPERATOR_SA)
     operator = OperatorProcess(
-        sa_kubeconfig, tmp_path / "operator.log", "--all-namespaces", f"--redis-url={redis.url}",
+        sa_kubeconfig, tmp_path / "operator.log", watch, f"--redis-url={redis.url}",
         "--redis-secret=kvmesh-redis:url", "--log-format=json",
     )  # fmt: skip
     try:
@@ -212,3 +227,5 @@ def test_operator_with_chart_service_account_reconciles_without_forbidden(
         operator.stop()
         redis.stop()
         print(operator.log()[-6000:])
+        if scope == "namespaced":
+            installed.helm("upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, check=False)
