@@ -295,7 +295,23 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
+async def micro_only(args: argparse.Namespace) -> int:
+    rport = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(rport, proc, 10)
+        print(await routing_microbenchmark(f"redis://127.0.0.1:{rport}/0"))
+    finally:
+        stop([proc])
+    return 0
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.micro_only:
+        return await micro_only(args)
     workload = make_workload(args)
     logdir = Path(args.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +348,46 @@ async def main(args: argparse.Namespace) -> int:
         f"max_tokens={args.max_tokens} store={args.store}"
     )
     print(table(summaries, oracle, len(addresses)))
+    if args.micro:
+        print("\nrouting path alone (no model load on the machine):")
+        print(await routing_microbenchmark(redis_url))
     return 0
+
+
+async def routing_microbenchmark(redis_url: str, decisions: int = 2000) -> str:
+    """The gateway's routing path alone (hash a 512-token prompt, one store read, choose), on an
+    otherwise idle gateway: the overhead without model processes competing for the CPU."""
+    from kvmesh.gateway.metrics import GatewayMetrics
+    from kvmesh.gateway.pool import WorkerPool
+    from kvmesh.gateway.router import Router
+    from kvmesh.store import InProcessStore, WorkerInfo
+    from kvmesh.store.redis_store import RedisStore
+
+    rng = random.Random(1)
+    prompts = [[rng.randrange(49152) for _ in range(512)] for _ in range(24)]
+    rows = ["| store | decisions | route p50 us | route p99 us |", "|---|---|---|---|"]
+    stores = [("in-process", InProcessStore())]
+    if redis_url:
+        stores.append(("redis", RedisStore(redis_url, f"micro-{time.time_ns()}")))
+    for name, store in stores:
+        for i in range(3):
+            await store.upsert_worker(WorkerInfo(f"m{i}", f"127.0.0.1:{1 + i}", model="m"), ttl_s=600)
+        for j, ids in enumerate(prompts):
+            await store.apply_blocks(f"m{j % 3}", block_hashes(ids, 16, model="m"), [])
+        pool = WorkerPool(store, GatewayMetrics(), local_load_only=name == "in-process")
+        router = Router()
+        samples = []
+        for k in range(decisions):
+            ids = prompts[k % len(prompts)][: 256 + (k % 256)]
+            t0 = time.perf_counter()
+            hashes = block_hashes(ids, 16, model="m")
+            view = await pool.view(hashes)
+            router.choose(pool.candidates(view, set()), hashes)
+            samples.append((time.perf_counter() - t0) * 1e6)
+        rows.append(f"| {name} | {decisions} | {pct(samples, 0.5):.0f} | {pct(samples, 0.99):.0f} |")
+        await pool.close()
+        await store.close()
+    return "\n".join(rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -357,6 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--logdir", default="/tmp/kvmesh-bench")
+    p.add_argument("--micro", action="store_true", help="also time the routing path alone")
+    p.add_argument("--micro-only", action="store_true", help="only time the routing path alone")
     return p.parse_args(argv)
 
 

@@ -38,7 +38,7 @@ class Reporter:
         ttl_s: float = WORKER_TTL_S,
     ) -> None:
         self.engine = engine
-        self.store = RedisStore(redis_url, deployment)
+        self.store = RedisStore(redis_url, deployment, socket_timeout_s=2.0)  # snapshots can be large
         self.worker_id = worker_id
         self.address = address
         self.model = model

@@ -25,7 +25,8 @@ from kvmesh.store.base import BLOCK_TTL_S, ROUTE_TTL_S, WORKER_TTL_S, RoutingVie
 CHUNK = 4096  # hashes per script call, keeps single script runs short
 
 # KEYS[1] workers set, KEYS[2..] block keys in prompt order. ARGV[1] worker key prefix.
-# Returns {{worker hash fields...}, ...} and a flat {worker_id, depth, ...}.
+# Returns {matches, worker, worker, ...}: matches is "id\tdepth\tid\tdepth..."; each worker its
+# hash fields as "field\tvalue\t...". Few, flat strings: parsing RESP in Python costs per element.
 LOOKUP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -35,7 +36,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if #h == 0 then
     redis.call('SREM', KEYS[1], id)
   else
-    workers[#workers + 1] = h
+    workers[#workers + 1] = table.concat(h, '\t')
     live[id] = true
   end
 end
@@ -59,7 +60,8 @@ for w, d in pairs(depth) do
   flat[#flat + 1] = w
   flat[#flat + 1] = d
 end
-return {workers, flat}
+table.insert(workers, 1, table.concat(flat, '\t'))
+return workers
 """
 
 # KEYS[1] the worker's blocks set. ARGV: worker_id, block key prefix, snapshot (0|1), ttl_s,
@@ -208,11 +210,12 @@ class RedisStore:
     async def lookup(self, hashes: Sequence[int]) -> RoutingView:
         keys = [self.keys.workers] + [self.keys.block(h) for h in hashes[: self.max_lookup_blocks]]
         try:
-            workers_raw, flat = await self._lookup(keys=keys, args=[self.keys.worker_prefix])
+            matches_raw, *workers_raw = await self._lookup(keys=keys, args=[self.keys.worker_prefix])
         except RedisError as e:
             raise StoreError(str(e)) from e
-        workers = [WorkerInfo.from_fields(_pairs(raw)) for raw in workers_raw]
+        workers = [WorkerInfo.from_fields(_pairs(raw.split("\t"))) for raw in workers_raw]
         workers.sort(key=lambda w: w.worker_id)
+        flat = matches_raw.split("\t") if matches_raw else []
         matches = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return RoutingView(workers=workers, matches=matches)
 
