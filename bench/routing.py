@@ -35,6 +35,7 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kvmesh.gateway.up import die_with_parent  # noqa: E402
 from kvmesh.prefix import block_hashes  # noqa: E402
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 
@@ -243,7 +244,9 @@ def start_workers(
         log = open(logdir / f"worker-{i}.log", "wb")  # noqa: SIM115 - lives as long as the process
         out.append(
             (
-                subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
+                subprocess.Popen(
+                    cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+                ),
                 f"127.0.0.1:{port}",
             )
         )
@@ -256,7 +259,7 @@ def start_gateway(args: argparse.Namespace, policy: str, workers: list[str], red
            "--deployment", "bench", "--log-level", "warning"]  # fmt: skip
     cmd += ["--redis-url", redis_url] if redis_url else [a for w in workers for a in ("--worker", w)]
     log = open(logdir / f"gateway-{policy}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     wait_port(port, proc, 60)
     return proc, f"127.0.0.1:{port}"
 
@@ -322,6 +325,7 @@ async def main(args: argparse.Namespace) -> int:
         redis_proc = subprocess.Popen(
             ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
             stdout=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         wait_port(rport, redis_proc, 10)
         redis_url = f"redis://127.0.0.1:{rport}/0"

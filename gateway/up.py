@@ -44,7 +44,7 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Children get SIGTERM if this process dies without stopping them (Linux prctl)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -63,7 +63,7 @@ def start_workers(args: argparse.Namespace) -> list[tuple[subprocess.Popen, str]
             "--deployment", "local", "--log-level", args.log_level, *args.worker_arg,
         ]  # fmt: skip
         # Own session: a terminal's Ctrl-C reaches only `up`, which stops things in order.
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         children.append((proc, address))
     return children
 

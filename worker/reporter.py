@@ -36,6 +36,7 @@ class Reporter:
         model: str,
         heartbeat_s: float = 1.0,
         ttl_s: float = WORKER_TTL_S,
+        load_poll_s: float = 0.1,
     ) -> None:
         self.engine = engine
         self.store = RedisStore(redis_url, deployment, socket_timeout_s=2.0)  # snapshots can be large
@@ -44,7 +45,9 @@ class Reporter:
         self.model = model
         self.heartbeat_s = heartbeat_s
         self.ttl_s = ttl_s
+        self.load_poll_s = min(load_poll_s, heartbeat_s)
         self.connected = False
+        self._published: tuple[int, int] = (-1, -1)
 
     async def run(self) -> None:
         """Reports until cancelled, reconnecting with backoff whenever Redis fails."""
@@ -88,15 +91,24 @@ class Reporter:
                     await result
 
     async def _heartbeats(self) -> None:
+        """A heartbeat every ``heartbeat_s``, and sooner when the load changed: gateways weigh
+        workers by it, and a load a second old keeps finished requests on the books."""
+        last_beat = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_s)
+            await asyncio.sleep(self.load_poll_s)
+            load = self._load_key()
+            if load == self._published and time.monotonic() - last_beat < self.heartbeat_s:
+                continue
+            last_beat = time.monotonic()
             if not await self._heartbeat():
                 raise _Resync("registry entry was missing")
 
+    def _load_key(self) -> tuple[int, int]:
+        stats = self.engine.load()
+        return stats.running, stats.waiting
+
     async def _heartbeat(self) -> bool:
         stats = self.engine.load()
-        if asyncio.iscoroutine(stats):
-            stats = await stats
         info = WorkerInfo(
             worker_id=self.worker_id,
             address=self.address,
@@ -108,7 +120,9 @@ class Reporter:
             num_blocks=stats.num_blocks,
             heartbeat=time.time(),
         )
-        return await self.store.upsert_worker(info, self.ttl_s)
+        existed = await self.store.upsert_worker(info, self.ttl_s)
+        self._published = (stats.running, stats.waiting)
+        return existed
 
     async def _forward_blocks(self, subscription: Any) -> None:
         async for event in subscription:
