@@ -289,8 +289,12 @@ def config_data(owner: Owner, spec: Manifest) -> dict[str, str]:
     }
 
 
-def config_hash(data: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+def config_hash(spec: Manifest) -> str:
+    """Hash of what the worker process reads (model and engine); routing or replica changes do not
+    restart workers."""
+    spec = crd.apply_defaults(spec)
+    relevant = {"model": spec["model"], "engine": spec["engine"]}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_configmap(owner: Owner, spec: Manifest) -> Manifest:
@@ -428,7 +432,7 @@ def build_worker_deployment(owner: Owner, spec: Manifest, config: OperatorConfig
     override_meta = template_override.get("metadata") or {}
     annotations = {
         **(override_meta.get("annotations") or {}),
-        CONFIG_HASH_ANNOTATION: config_hash(config_data(owner, spec)),
+        CONFIG_HASH_ANNOTATION: config_hash(spec),
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(METRICS_PORT),
     }

@@ -84,7 +84,9 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
     )
 
 
-def _write(outcome: Outcome, patch: kopf.Patch, body: Any, logger: logging.Logger) -> None:
+def _write(
+    outcome: Outcome, patch: kopf.Patch, body: Any, logger: logging.Logger, reconciler: Reconciler
+) -> None:
     if status_changed(body.get("status"), outcome.status):
         patch.setdefault("status", {}).update(outcome.status)
     name = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
@@ -92,8 +94,10 @@ def _write(outcome: Outcome, patch: kopf.Patch, body: Any, logger: logging.Logge
         children = ", ".join(outcome.changed)
         logger.info(f"Applied InferenceDeployment children: {children}", extra={"children": children})
         kopf.event(body, type="Normal", reason="Applied", message=f"Applied {children}.")
+    meta = body["metadata"]
+    if reconciler.is_new_error(meta["namespace"], meta["name"], outcome.error):
+        kopf.event(body, type="Warning", reason="ApplyFailed", message=outcome.error or "")
     if outcome.error:
-        kopf.event(body, type="Warning", reason="ApplyFailed", message=outcome.error)
         raise kopf.TemporaryError(
             f"Applying the children of InferenceDeployment {name} failed: {outcome.error}"
         )
@@ -124,7 +128,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, field="spec", registry=registry)
     def converge(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
-        _write(reconciler.converge(body), patch, body, logger)
+        _write(reconciler.converge(body), patch, body, logger, reconciler)
 
     @kopf.timer(*RESOURCE, interval=resync, initial_delay=resync / 2, registry=registry)
     def resync_timer(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
@@ -140,7 +144,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
             if decision is not None and decision.scaled:
                 logger.info("Scaled InferenceDeployment", extra={"replicas": decision.desired})
                 kopf.event(body, type="Normal", reason=decision.reason, message=decision.message)
-        _write(outcome, patch, body, logger)
+        _write(outcome, patch, body, logger, reconciler)
 
     _drop_timer_finalizers(registry)
 
@@ -192,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's own login too
     load_source = None if args.no_autoscaler else RedisLoadSource(args.redis_url)
-    reconciler = Reconciler(Kube.connect(args.kubeconfig), operator_config(args), load_source)
+    reconciler = Reconciler(
+        Kube.connect(args.kubeconfig), operator_config(args), load_source, source_factory=RedisLoadSource
+    )
     registry = kopf.OperatorRegistry()
     register(registry, reconciler, args.resync_seconds)
     namespaces = args.namespace

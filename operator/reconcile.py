@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,10 @@ class Reconciler:
     kube: Kube
     config: builders.OperatorConfig
     load_source: LoadSource | None = None
+    # Builds a LoadSource for an InferenceDeployment's own spec.redis.url (None: always the default).
+    source_factory: Callable[[str], LoadSource] | None = None
+    _sources: dict[str, LoadSource] = field(default_factory=dict)
+    _errors: dict[tuple[str, str], str] = field(default_factory=dict)
     _versions: dict[tuple[str, str, str], str] = field(default_factory=dict)
     _windows: dict[tuple[str, str], SampleWindow] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,7 +99,7 @@ class Reconciler:
         now = time.time() if now is None else now
         policy = AutoscalingPolicy.from_spec(spec["autoscaling"])
         window = self._windows.setdefault(key, SampleWindow())
-        window.add(self.load_source.read(owner.name, now), policy, now)
+        window.add(self._source(spec).read(owner.name, now), policy, now)
         current = int(spec["replicas"])
         decision = decide(current, list(window.samples), policy, now)
         if decision.desired != current:
@@ -103,6 +108,25 @@ class Reconciler:
             self.apply_children(owner, {**spec, "replicas": decision.desired})
         return decision
 
+    def _source(self, spec: Manifest) -> LoadSource:
+        assert self.load_source is not None
+        url = (spec.get("redis") or {}).get("url")
+        if not url or self.source_factory is None:
+            return self.load_source
+        with self._lock:
+            if url not in self._sources:
+                self._sources[url] = self.source_factory(url)
+            return self._sources[url]
+
+    def is_new_error(self, namespace: str, name: str, error: str | None) -> bool:
+        """Whether ``error`` differs from the last one seen for the object (post an event only then)."""
+        key = (namespace, name)
+        with self._lock:
+            previous = self._errors.pop(key, None)
+            if error is not None:
+                self._errors[key] = error
+        return error is not None and error != previous
+
     def tracked(self) -> int:
         """How many InferenceDeployments this process has applied children for (health detail)."""
         with self._lock:
@@ -110,6 +134,7 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         self._windows.pop((namespace, name), None)
+        self._errors.pop((namespace, name), None)
         with self._lock:
             names = (builders.worker_name(name), builders.config_name(name))
             for key in [k for k in self._versions if k[0] == namespace and k[2] in names]:

@@ -166,9 +166,18 @@ def inference_deployment(name: str, **spec: Any) -> dict:
     }
 
 
+def established(kube: Any, name: str) -> bool:
+    done = kube.kubectl("get", "crd", name, "-o", "json", check=False)
+    if done.returncode != 0:
+        return False
+    conditions = json.loads(done.stdout).get("status", {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+
 def install_crd(kube: Any) -> None:
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kube.kubectl("wait", "--for=condition=Established", f"crd/{crd.PLURAL}.{crd.GROUP}", "--timeout=60s")
+    name = f"{crd.PLURAL}.{crd.GROUP}"
+    kube.wait_for(lambda: established(kube, name), timeout=60, what=f"CRD {name} established")
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -595,7 +604,7 @@ def test_peering_keeps_one_active_operator(cluster: Any, tmp_path: Path) -> None
     if cluster.kubectl("get", "namespace", ns, check=False).returncode != 0:
         cluster.kubectl("create", "namespace", ns)
     cluster.kubectl("apply", "-f", str(CRD_FILE.parent / "kopfpeerings.kopf.dev.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    cluster.wait_for(lambda: established(cluster, "kopfpeerings.kopf.dev"), timeout=60, what="peering CRD")
     cluster.apply(
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kvmesh", "namespace": ns}}
     )

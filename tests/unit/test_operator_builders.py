@@ -241,6 +241,11 @@ def test_engine_change_changes_config_hash_and_so_rolls_out() -> None:
     b = builders.build_worker_deployment(OWNER, spec(engine={"maxNumSeqs": 64}), CONFIG)
     b_ann = b["spec"]["template"]["metadata"]["annotations"]
     assert a[builders.CONFIG_HASH_ANNOTATION] != b_ann[builders.CONFIG_HASH_ANNOTATION]
+    # Routing is the gateways' business: changing it must not restart the workers.
+    d = builders.build_worker_deployment(OWNER, spec(routing={"policy": "least-load"}), CONFIG)
+    assert (
+        d["spec"]["template"] == builders.build_worker_deployment(OWNER, spec(), CONFIG)["spec"]["template"]
+    )
     # Replicas are not configuration: scaling must not restart the pods.
     c = builders.build_worker_deployment(OWNER, spec(replicas=5), CONFIG)
     assert (
@@ -421,3 +426,14 @@ def test_no_handler_puts_a_finalizer_on_inference_deployments() -> None:
     handlers = [*registry._spawning._handlers, *registry._changing._handlers]
     assert len(handlers) >= 4
     assert not [h.id for h in handlers if h.requires_finalizer]
+
+
+def test_repeated_errors_post_one_event() -> None:
+    from kvmesh.operator.reconcile import Reconciler
+
+    r = Reconciler(kube=None, config=CONFIG)  # type: ignore[arg-type]
+    assert r.is_new_error("ns", "a", "refused")
+    assert not r.is_new_error("ns", "a", "refused")
+    assert r.is_new_error("ns", "a", "refused differently")
+    assert not r.is_new_error("ns", "a", None)
+    assert r.is_new_error("ns", "a", "refused")  # after a success, the same error is news again
