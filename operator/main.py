@@ -142,7 +142,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
                 decision = None
             outcome.status["autoscaling"] = autoscaling_status(decision, previous)
             if decision is not None and decision.scaled:
-                logger.info("Scaled InferenceDeployment", extra={"replicas": decision.desired})
+                logger.info(decision.message, extra={"replicas": decision.desired, "reason": decision.reason})
                 kopf.event(body, type="Normal", reason=decision.reason, message=decision.message)
         _write(outcome, patch, body, logger, reconciler)
 
