@@ -21,7 +21,7 @@ import yaml
 
 from kvmesh.operator import builders, crd
 
-from .cluster import free_port
+from .cluster import _die_with_parent, free_port
 
 pytestmark = pytest.mark.controlplane
 
@@ -58,6 +58,7 @@ class OperatorProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # never outlives a killed test run
             env={**os.environ, **(env or {}), "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"},
         )
 
@@ -106,6 +107,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         import redis
 
