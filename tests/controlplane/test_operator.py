@@ -544,6 +544,17 @@ def test_autoscaler_holds_without_load(cluster: Any, operator: Any, redis_server
     obj = get(cluster, crd.PLURAL, "no-load")
     assert obj["spec"]["replicas"] == 2
     assert obj["status"]["autoscaling"]["reason"] == "NoMetrics"
+    # With autoscaling on, the autoscaler owns the count (as an HPA does): a manual scale beyond
+    # maxReplicas is brought back within bounds.
+    cluster.kubectl("scale", crd.PLURAL, "no-load", "-n", NAMESPACE, "--replicas=9")
+    cluster.wait_for(
+        lambda: get(cluster, crd.PLURAL, "no-load")["spec"]["replicas"] == 3,
+        timeout=30,
+        what="clamped to max",
+    )
+    cluster.wait_for(
+        lambda: get(cluster, "deployment", "no-load-worker")["spec"]["replicas"] == 3, timeout=30
+    )
 
 
 def test_a_refused_child_degrades_the_status_until_fixed(cluster: Any, operator: Any) -> None:
