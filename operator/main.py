@@ -85,8 +85,15 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
 
 
 def _write(
-    outcome: Outcome, patch: kopf.Patch, body: Any, logger: logging.Logger, reconciler: Reconciler
+    outcome: Outcome,
+    patch: kopf.Patch,
+    body: Any,
+    logger: logging.Logger,
+    reconciler: Reconciler,
+    retry_after: float | None = None,
 ) -> None:
+    """Status patch, log and events for one pass; with ``retry_after``, a failure is raised for kopf to
+    retry the change handler (the timer does not raise: it simply runs again next period)."""
     if status_changed(body.get("status"), outcome.status):
         patch.setdefault("status", {}).update(outcome.status)
     name = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
@@ -98,9 +105,11 @@ def _write(
     if reconciler.is_new_error(meta["namespace"], meta["name"], outcome.error):
         kopf.event(body, type="Warning", reason="ApplyFailed", message=outcome.error or "")
     if outcome.error:
-        raise kopf.TemporaryError(
-            f"Applying the children of InferenceDeployment {name} failed: {outcome.error}"
-        )
+        message = f"Applying the children of InferenceDeployment {name} failed: {outcome.error}"
+        if retry_after is None:
+            logger.warning(message)
+            return
+        raise kopf.TemporaryError(message, delay=retry_after)
 
 
 def _drop_timer_finalizers(registry: kopf.OperatorRegistry) -> None:
@@ -128,7 +137,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync: fl
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, field="spec", registry=registry)
     def converge(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
-        _write(reconciler.converge(body), patch, body, logger, reconciler)
+        _write(reconciler.converge(body), patch, body, logger, reconciler, retry_after=min(resync, 30.0))
 
     @kopf.timer(*RESOURCE, interval=resync, initial_delay=resync / 2, registry=registry)
     def resync_timer(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
@@ -174,7 +183,9 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
     # Keep kopf's bookkeeping in our annotations, out of the status we own.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvmesh.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kvmesh.io")
-    settings.posting.level = logging.WARNING  # explicit events only for Normal happenings
+    # Kubernetes events only from explicit kopf.event() calls (deduplicated there), never one per
+    # failed retry or log line.
+    settings.posting.level = logging.CRITICAL
     settings.execution.max_workers = 8
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60

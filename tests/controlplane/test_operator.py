@@ -571,8 +571,10 @@ def test_a_refused_child_degrades_the_status_until_fixed(cluster: Any, operator:
     assert condition(got, "Degraded")["status"] == "True"
     assert 'restartPolicy: Unsupported value: "Never"' in condition(got, "Degraded")["message"]
     assert got["status"].get("observedGeneration") != got["metadata"]["generation"]
+    time.sleep(RESYNC * 3)  # several retries and timer ticks: still one warning, not one per attempt
     events = get(cluster, "events", "--field-selector", "involvedObject.name=refused")["items"]
-    assert any(e["reason"] == "ApplyFailed" and e["type"] == "Warning" for e in events)
+    warnings = [e for e in events if e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["ApplyFailed"], warnings
 
     cluster.kubectl(
         "patch", crd.PLURAL, "refused", "-n", NAMESPACE, "--type=json",
