@@ -147,6 +147,7 @@ def test_operator_rbac_is_least_privilege(installed: Any) -> None:
         ("delete", "inferencedeployments.kvmesh.io"),
         ("create", "roles.rbac.authorization.k8s.io"),
         ("list", "deployments.apps"),
+        ("patch", "events"),
     ):
         assert not can_i(installed, verb, resource), (verb, resource)
 

@@ -94,8 +94,8 @@ app.kubernetes.io/component: {{ .component }}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "patch"]
-# Kubernetes events about InferenceDeployments.
-- apiGroups: ["", "events.k8s.io"]
+# Kubernetes events about InferenceDeployments (kopf posts core/v1 events, each a new object).
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
