@@ -135,6 +135,23 @@ async def test_in_process_store_routes_and_propagates_errors(workers):
         await gateway.stop(1)
 
 
+async def test_local_tokenizer_agrees_with_the_workers(workers):
+    """--tokenizer default loads SmolLM2's tokenizer in the gateway; its ids must be the worker's, or
+    the gateway's hashes would never match the workers' caches."""
+    from kvmesh.gateway.tokenizer import LocalTokenizer
+
+    local = LocalTokenizer("default")
+    request = chat(system_prompt("tok"), "Héllo, wörld! 12345 ✓")
+    async with grpc.aio.insecure_channel(workers[1].address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        remote = await stub.Tokenize(pb.TokenizeRequest(chat=request.chat), timeout=30)
+        remote_text = await stub.Tokenize(pb.TokenizeRequest(text="plain text, no template"), timeout=30)
+    assert await local.encode(request) == list(remote.token_ids)
+    assert await local.encode(pb.GenerateRequest(text="plain text, no template")) == list(
+        remote_text.token_ids
+    )
+
+
 async def _running(address: str) -> int:
     async with grpc.aio.insecure_channel(address) as channel:
         load = await worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
