@@ -215,6 +215,41 @@ async def test_redis_restart_mid_traffic_degrades_without_failing_requests(worke
         await gateway.stop(1)
 
 
+async def test_saturated_workers_answer_resource_exhausted_and_metrics_show_it(workers, module_redis_server):
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    gateway = await start_gateway(
+        redis_url=module_redis_server.url, max_inflight=1, metrics_port=metrics_port
+    )
+    try:
+        assert await gateway.wait_for_workers(3, 30) == 3
+        slow = [chat(system_prompt(f"busy-{i}", 30), "Tell a story.", max_tokens=40) for i in range(3)]
+        running = [asyncio.create_task(generate(gateway.address, r)) for r in slow]
+        deadline = time.monotonic() + 60
+        while sum(c.inflight for c in gateway.pool.conns.values()) < 3:  # one in flight per worker
+            assert time.monotonic() < deadline and not any(t.done() for t in running)
+            await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(gateway.address, chat(system_prompt("one-more", 30), "Hi?"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "in-flight limit" in err.value.details()
+        await asyncio.gather(*running)  # the admitted ones finish normally
+        text = await asyncio.to_thread(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            )
+        )
+        assert 'kvmesh_gateway_routing_decisions_total{outcome="exhausted",policy="prefix"} 1.0' in text
+        assert "kvmesh_gateway_routing_latency_seconds_bucket" in text
+        assert 'kvmesh_gateway_requests_total{code="RESOURCE_EXHAUSTED"} 1.0' in text
+    finally:
+        await gateway.stop(1)
+
+
 async def test_killing_a_worker_loses_no_request_that_had_not_started(workers, module_redis_server):
     """Runs last: it kills w0."""
     gateway = await start_gateway(redis_url=module_redis_server.url)
