@@ -429,6 +429,9 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
         address, engine.model_name, engine.max_model_len, options.worker_id, metrics_port,
     )  # fmt: skip
 
+    # An engine thread that dies while idle still takes the worker down (and health with it).
+    watch = asyncio.ensure_future(engine.wait_failed())
+    watch.add_done_callback(lambda t: t.cancelled() or state.engine_failed.set())
     failed = asyncio.ensure_future(state.engine_failed.wait())
     await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
@@ -438,6 +441,7 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
         force.set()
     stopping.cancel()
     failed.cancel()
+    watch.cancel()
     await drain(options, state, health_servicer, server, reporter, reporter_task, force)
     await engine.shutdown()
     metrics.close()

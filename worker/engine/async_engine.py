@@ -60,11 +60,12 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self._num_waiting_submitted = 0
+        self._failed: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._failed = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="kvmesh-engine", daemon=True)
         self._thread.start()
 
@@ -75,6 +76,11 @@ class AsyncEngine:
         self._post(("stop",))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+
+    async def wait_failed(self) -> None:
+        """Returns once the step thread has died of an error (never after a clean shutdown)."""
+        assert self._failed is not None, "start() the engine first"
+        await self._failed.wait()
 
     # -- public API ------------------------------------------------------
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -164,6 +170,8 @@ class AsyncEngine:
             log.exception("Engine step failed; failing all requests")
             self._stopped = True
             self._fail_all(EngineStopped(f"the engine failed: {e}"))
+            if self._failed is not None:
+                self._call(self._failed.set)
 
     def _handle(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
