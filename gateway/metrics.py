@@ -44,6 +44,18 @@ class GatewayMetrics:
         self.requests = Counter(
             "kvmesh_gateway_requests", "Finished requests by gRPC code", ["code"], registry=r
         )
+        self.expected_cached = Counter(
+            "kvmesh_gateway_expected_cached_tokens", "Prompt tokens the index said the chosen worker held",
+            registry=r,
+        )  # fmt: skip
+        self.actual_cached = Counter(
+            "kvmesh_gateway_actual_cached_tokens", "Prompt tokens the workers reused (usage.cached_tokens)",
+            registry=r,
+        )  # fmt: skip
+        self.overestimates = Counter(
+            "kvmesh_gateway_prefix_overestimates", "Requests whose worker reused less than predicted",
+            registry=r,
+        )  # fmt: skip
         self.workers = Gauge("kvmesh_gateway_workers", "Workers in the routing pool", registry=r)
         self._server = None
 

@@ -127,6 +127,10 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
                                 ("kvmesh-attempts", str(attempt)),
                             )
                         )
+                    if response.usage.prompt_tokens:  # the final message
+                        gw.observe_prediction(
+                            matched_tokens, len(ids), block_size, response.usage.cached_tokens
+                        )
                     yield response
                 gw.metrics.requests.labels("OK").inc()
                 return
@@ -202,6 +206,15 @@ class Gateway:
     async def abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.metrics.requests.labels(code.name).inc()
         await context.abort(code, message)
+
+    def observe_prediction(self, matched_tokens: int, prompt_len: int, block_size: int, cached: int) -> None:
+        """Index accuracy: the prefix the gateway expected on the worker vs what the worker reused
+        (capped like the worker, which always computes the last prompt token)."""
+        expected = min(matched_tokens, (prompt_len - 1) // block_size * block_size)
+        self.metrics.expected_cached.inc(expected)
+        self.metrics.actual_cached.inc(cached)
+        if cached < expected:
+            self.metrics.overestimates.inc()
 
     async def model_info(self) -> tuple[str, int]:
         """(served model name, block size) of the deployment, from the registry."""
