@@ -125,7 +125,9 @@ def test_helm_install(installed: Any) -> None:
 
 def can_i(kube: Any, verb: str, resource: str, namespace: str = NAMESPACE) -> bool:
     who = f"--as=system:serviceaccount:{NAMESPACE}:{OPERATOR_SA}"
-    done = kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, who, check=False)
+    resource, _, sub = resource.partition("/")
+    extra = [f"--subresource={sub}"] if sub else []
+    done = kube.kubectl("auth", "can-i", verb, resource, *extra, "-n", namespace, who, check=False)
     return done.stdout.strip() == "yes"
 
 
@@ -148,6 +150,8 @@ def test_operator_rbac_is_least_privilege(installed: Any) -> None:
         ("create", "roles.rbac.authorization.k8s.io"),
         ("list", "deployments.apps"),
         ("patch", "events"),
+        ("get", "configmaps"),
+        ("get", "inferencedeployments.kvmesh.io/status"),
     ):
         assert not can_i(installed, verb, resource), (verb, resource)
 

@@ -79,21 +79,22 @@ app.kubernetes.io/component: {{ .component }}
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kvmesh.io"]
   resources: ["inferencedeployments/status", "inferencedeployments/scale"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
 - apiGroups: ["kvmesh.io"]
   resources: ["inferencedeployments/finalizers"]
   verbs: ["update"]
-# Children, created and converged by server-side apply (never deleted: the garbage collector does that).
+# Children, created and converged by server-side apply (an apply that creates needs "create"); only
+# the worker Deployment is read back, for the status. Never deleted: the garbage collector does that.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["create", "patch"]
 # Kubernetes events about InferenceDeployments (kopf posts core/v1 events, each a new object).
 - apiGroups: [""]
   resources: ["events"]
