@@ -82,7 +82,7 @@ def main() -> None:
         g.block_tables[:batch, :blocks_per_seq] = ids
         g.input_ids[:batch] = torch.randint(0, config.vocab_size, (batch,), device=dev)
         g.positions[:batch] = CTX - 1
-        ms = triton.testing.do_bench(g.graphs[batch].replay, return_mode="median")
+        ms = triton.testing.do_bench(g.graphs[("decode", batch)].replay, return_mode="median")
         roof = (weight_read + batch * CTX * kv_per_token) / bw * 1e3
         rows.append(
             (
@@ -93,7 +93,7 @@ def main() -> None:
             )
         )
         if batch == 1:
-            meta = g._meta(1)
+            meta = g._meta(("decode", 1))
             eager = wall_ms(
                 lambda meta=meta: runner.model(g.input_ids[:1], g.positions[:1], runner.kv_cache, meta)
             )
