@@ -3,8 +3,9 @@
 Prints one table: each kernel at Llama-3-8B attention shapes (32 heads, 8 KV heads,
 head_dim 128, KV block 16, bf16), its median time, the bytes or FLOPs it must move
 or do, and that as a fraction of the device's measured copy bandwidth or bf16
-matmul rate. Prefill is also set against torch's SDPA (FlashAttention-2 inside
-PyTorch) on contiguous K/V. ``--sweep`` times a few tile configurations first.
+matmul rate (timed as CUDA-graph replays, so host launch cost is excluded).
+Prefill is also set against torch's SDPA (FlashAttention-2 inside PyTorch) on
+contiguous K/V. ``--sweep`` times a few tile configurations first.
 
     python bench/gpu_kernels.py [--sweep] [--json out.json]
 """
@@ -27,8 +28,9 @@ DEV = torch.device("cuda")
 
 
 def bench(fn, reps: int = 50) -> float:
-    """Median milliseconds (CUDA events), after warm-up."""
-    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
+    """Median milliseconds of one call, replayed from a CUDA graph so that the host's
+    launch cost (tens of microseconds per Triton launch) stays out of the kernel time."""
+    return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
 def measure_ceilings() -> tuple[float, float]:
