@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -83,6 +84,8 @@ class Kube:
             response.read()
         except ApiException as exc:
             raise KubeError(f"{method} {path}: {exc.reason}", exc.status or 0) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeError(f"{method} {path}: {exc}") from exc
         if response.status == 404 and method == "GET":
             return None
         if not 200 <= response.status < 300:

@@ -84,9 +84,9 @@ class Reconciler:
         spec = crd.apply_defaults(dict(body["spec"]))
         try:
             changed = self.apply_children(owner, spec)
+            return Outcome(self.observe(body, spec, None), changed=changed)
         except (KubeError, ValueError) as exc:
             return Outcome(self.observe(body, spec, str(exc)), error=str(exc))
-        return Outcome(self.observe(body, spec, None), changed=changed)
 
     def autoscale(self, body: Any, now: float | None = None) -> Decision | None:
         """One autoscaler step: read load, decide, and write spec.replicas through /scale when it moves."""
