@@ -236,6 +236,12 @@ INVALID = [
     ),
     ("bad-replicas", {"replicas": -1}, "spec.replicas"),
     ("bad-policy", {"routing": {"policy": "random"}}, "Unsupported value"),
+    (
+        "bad-kv-target",
+        {"autoscaling": {"target": {"metric": "kvUsage", "value": 80}}},
+        "a kvUsage target value is a fraction and must be at most 1.0",
+    ),
+    ("bad-hostpath", {"model": {"source": "hostpath://relative/dir"}}, "must be an absolute path"),
 ]
 
 
@@ -246,6 +252,13 @@ def test_api_server_rejects_invalid_resources(cluster: Any, name: str, spec: dic
     assert done.returncode != 0, done.stdout
     assert message in done.stderr, done.stderr
     assert get(cluster, crd.PLURAL, name) is None
+
+
+def test_api_server_rejects_names_too_long_for_the_worker_service(cluster: Any) -> None:
+    obj = inference_deployment("x" * 57)
+    done = cluster.kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
+    assert done.returncode != 0
+    assert "metadata.name must be at most 56 characters" in done.stderr, done.stderr
 
 
 def test_api_server_rejects_missing_model(cluster: Any) -> None:
