@@ -437,3 +437,52 @@ def test_repeated_errors_post_one_event() -> None:
     assert r.is_new_error("ns", "a", "refused differently")
     assert not r.is_new_error("ns", "a", None)
     assert r.is_new_error("ns", "a", "refused")  # after a success, the same error is news again
+
+
+# ---- contracts with the other CLIs ----------------------------------------------------------------
+
+
+def test_worker_command_parses_with_the_worker_cli() -> None:
+    """The command the operator writes is accepted by `kvmesh worker` as it is today."""
+    import argparse
+
+    from kvmesh.worker import cli as worker_cli
+
+    s = spec(model={"source": "pvc://w/m", "servedName": "m"}, engine={"tensorParallelSize": 1})
+    command = builders.worker_command("llama", s)
+    assert command[:2] == ["kvmesh", "worker"]
+    parser = argparse.ArgumentParser()
+    worker_cli.configure(parser)
+    args = parser.parse_args(command[2:])
+    assert (args.model, args.port, args.deployment, args.block_size) == ("/models/m", 50051, "llama", 16)
+    assert args.redis_url == "$(KVMESH_REDIS_URL)"  # expanded by the kubelet from the env
+    for path in sorted((REPO / "deploy" / "samples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            parser.parse_args(builders.worker_command(doc["metadata"]["name"], doc["spec"])[2:])
+
+
+def test_gateway_args_parse_with_the_gateway_cli() -> None:
+    """Both the ConfigMap's gateway-args and the chart's gateway args are accepted by `kvmesh gateway`."""
+    import argparse
+
+    from kvmesh.gateway import cli as gateway_cli
+
+    parser = argparse.ArgumentParser()
+    gateway_cli.configure(parser)
+    args = parser.parse_args(builders.gateway_args("llama", spec(routing={"policy": "least-load"})))
+    assert (args.deployment, args.policy, args.load_factor) == ("llama", "least-load", 1.25)
+    chart = (REPO / "deploy" / "helm" / "kvmesh" / "templates" / "gateway-deployment.yaml").read_text()
+    chart_args = [line.strip()[2:] for line in chart.splitlines() if line.strip().startswith("- --")]
+    values = {
+        "{{ .Values.gateway.deployment }}": "smollm2",
+        "{{ .Values.gateway.policy }}": "prefix",
+        "{{ .Values.gateway.loadFactor }}": "1.25",
+    }
+    rendered = []
+    for arg in chart_args:
+        for template, value in values.items():
+            arg = arg.replace(template, value)
+        rendered.append(arg)
+    assert "{{" not in " ".join(rendered), rendered
+    args = parser.parse_args(rendered)
+    assert (args.port, args.deployment) == (50051, "smollm2")
