@@ -28,7 +28,7 @@ from kvmesh.worker.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = (64, 128, 256, 512)
+PREFILL_TOKENS = tuple(range(32, 513, 32))  # fine steps: a padded row costs a full GEMM row
 PREFILL_SEQS = 8
 
 

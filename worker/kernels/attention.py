@@ -30,7 +30,7 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 # Tile shapes on the GPU (bench/gpu_kernels.py sweeps them); the interpreter uses small tiles.
-PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
