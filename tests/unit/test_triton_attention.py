@@ -9,6 +9,7 @@ output) with NaN, so a read of an unwritten slot or an unwritten output shows up
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -394,3 +395,83 @@ def test_real_mixed_batch() -> None:
     rng = random.Random(8)
     seqs = [(rng.randint(1, 2000), 1) for _ in range(100)] + [(0, 1000), (300, 257)]
     _case(seqs, *LLAMA_8B, 16, torch.bfloat16)
+
+
+# --- CUDA graph bucket choice and the flash_attn backend's calls (no GPU needed) --------------
+
+
+def test_graph_buckets_decode_and_small_prefill() -> None:
+    from kvmesh.worker.engine.cuda_graphs import PREFILL_SEQS, CudaGraphRunner, capture_sizes
+
+    assert capture_sizes(256)[:5] == [1, 2, 4, 8, 16] and capture_sizes(256)[-1] == 256
+    assert capture_sizes(100)[-1] == 100
+    runner = CudaGraphRunner(None, None, 64, 1024, 16, torch.device("cpu"))
+
+    def meta(q_lens: list[int], seq_len: int = 100, width: int = 8) -> AttentionMetadata:
+        n = len(q_lens)
+        return AttentionMetadata(
+            query_start_loc=torch.zeros(n + 1, dtype=torch.int32),
+            seq_lens=torch.full((n,), seq_len, dtype=torch.int32),
+            block_tables=torch.zeros(n, width, dtype=torch.int32),
+            slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64),
+            max_query_len=max(q_lens),
+            max_seq_len=seq_len,
+        )
+
+    assert runner._key(meta([1] * 3), 3) == ("decode", 4)
+    assert runner._key(meta([1] * 64), 64) == ("decode", 64)
+    assert runner._key(meta([1] * 65), 65) is None  # above max_num_seqs: eager
+    assert runner._key(meta([208]), 208) == ("prefill", 224)  # a cached prompt's tail
+    assert runner._key(meta([40] + [1] * 7), 47) == ("prefill", 64)  # a chunk mixed with decodes
+    assert runner._key(meta([1] * (PREFILL_SEQS + 1) + [5]), PREFILL_SEQS + 6) is None
+    assert runner._key(meta([600]), 600) is None  # large prefill: eager, GPU-bound anyway
+    assert runner._key(meta([1], seq_len=2048), 1) is None  # beyond the captured context
+
+
+@in_process
+def test_flash_attn_backend_calls(monkeypatch) -> None:
+    """The flash-attn 2 calls the backend makes (flash-attn itself is not installed here):
+    a fake module answers with the reference attention for the paged arguments it receives."""
+    import types
+
+    calls = []
+
+    def reference(q, k_cache, v_cache, cu_q, cu_k, block_table, scale):
+        qsl, kl = cu_q.tolist(), cu_k.tolist()
+        seq_lens = [b - a for a, b in itertools.pairwise(kl)]
+        meta = AttentionMetadata(cu_q, torch.tensor(seq_lens, dtype=torch.int32), block_table, cu_q, 0, 0)
+        meta.query_start_loc_cpu, meta.seq_lens_cpu = qsl, seq_lens
+        return TorchAttentionBackend().forward(q, k_cache, v_cache, meta, scale)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+        calls.append(("varlen", kw))
+        assert kw["causal"] is True and kw["block_table"] is not None
+        return reference(q, k, v, cu_seqlens_q, cu_seqlens_k, kw["block_table"], kw["softmax_scale"])
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, **kw):
+        calls.append(("kvcache", kw))
+        assert q.dim() == 4 and q.shape[1] == 1 and kw["causal"] is True
+        cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        cu_k = torch.nn.functional.pad(torch.cumsum(kw["cache_seqlens"], 0, dtype=torch.int32), (1, 0))
+        out = reference(q[:, 0], k_cache, v_cache, cu_q, cu_k, kw["block_table"], kw["softmax_scale"])
+        return out[:, None]
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = flash_attn_varlen_func
+    fake.flash_attn_with_kvcache = flash_attn_with_kvcache
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.delitem(sys.modules, "kvmesh.worker.attention.flash_attn_backend", raising=False)
+    from kvmesh.worker.attention.flash_attn_backend import FlashAttnBackend
+
+    backend = FlashAttnBackend()
+    dtype = DTYPES[0]
+    for seqs, block_size, kind in (
+        ([(300, 20), (40, 1)], 256, "varlen"),  # flash-attn 2 pages are multiples of 256
+        ([(300, 1), (40, 1)], 256, "kvcache"),
+        ([(30, 5), (9, 1)], 16, None),  # smaller blocks: the Triton kernels answer
+    ):
+        calls.clear()
+        batch = Batch(seqs, 8, 2, 32, block_size, dtype, seed=9).on(DEVICE)
+        out = backend.forward(batch.query, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+        _check(out, batch.reference(), dtype)
+        assert [c[0] for c in calls] == ([kind] if kind else [])
