@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ def default_gguf_path() -> Path:
 
 
 def resolve_model(model: str) -> ModelFiles:
+    """``default``, a local directory or .gguf file, or a Hub repository (``hf://org/name`` or
+    ``org/name``; revision and a GGUF file inside it from KVMESH_MODEL_REVISION / KVMESH_MODEL_FILE)."""
     if model == "default":
         return ModelFiles(_gguf_to_directory(default_gguf_path()), DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
@@ -55,9 +58,32 @@ def resolve_model(model: str) -> ModelFiles:
         return ModelFiles(_gguf_to_directory(path), path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelFiles(path, path.name)
+    repo = model.removeprefix("hf://")
+    if model.startswith("hf://") or (not path.exists() and _REPO_ID.fullmatch(repo)):
+        return _from_hub(repo)
     raise FileNotFoundError(
-        f"model {model!r} is neither a Hugging Face directory, a .gguf file nor 'default'"
+        f"model {model!r} is not a Hugging Face directory, a .gguf file, a Hub repository or 'default'"
     )
+
+
+def _from_hub(repo: str) -> ModelFiles:
+    """Downloads (or finds in the Hugging Face cache) the files a worker needs from a Hub repo."""
+    from huggingface_hub import snapshot_download
+
+    revision = os.environ.get("KVMESH_MODEL_REVISION") or None
+    gguf_file = os.environ.get("KVMESH_MODEL_FILE") or None
+    patterns = ["*.json", "*.jinja", "tokenizer*", "*.model"]
+    patterns += [gguf_file] if gguf_file else ["*.safetensors"]
+    try:
+        local = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo without a token, ...
+        raise FileNotFoundError(f"cannot fetch model {repo!r} from the Hugging Face Hub: {e}") from e
+    if gguf_file:
+        return ModelFiles(_gguf_to_directory(local / gguf_file), repo)
+    return ModelFiles(local, repo)
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _gguf_to_directory(gguf: Path) -> Path:
