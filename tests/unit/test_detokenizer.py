@@ -60,3 +60,18 @@ def test_the_earliest_of_several_stop_strings_wins(tokenizer):
         if detok.add(t):
             break
     assert detok.take(final=True) == "one "
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_rust_stream_and_python_window_decoders_agree(tokenizer, text):
+    prompt = tokenizer.encode("Say:")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    fast = IncrementalDetokenizer(tokenizer, prompt, stop=[])
+    slow = IncrementalDetokenizer(tokenizer, prompt, stop=[])
+    assert fast.stream is not None
+    slow.stream = None
+    for t in ids:
+        fast.add(t)
+        slow.add(t)
+        assert fast.take(final=False) == slow.take(final=False)
+    assert fast.take(final=True) == slow.take(final=True)

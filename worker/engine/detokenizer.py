@@ -8,12 +8,22 @@ stop string split across tokens never reaches the client.
 
 from __future__ import annotations
 
+try:  # tokenizers >= 0.21: incremental decoding in Rust, about 6x cheaper per token
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers
+    DecodeStream = None
+
 CONTEXT_TOKENS = 5  # prompt tokens decoded alongside, so leading spaces come out right
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]) -> None:
         self.tokenizer = tokenizer
+        # Fast tokenizers stream in Rust; others re-decode a short window of ids per token.
+        self.backend = getattr(tokenizer, "_tokenizer", None)
+        self.stream = None
+        if DecodeStream is not None and self.backend is not None:
+            self.stream = DecodeStream(ids=list(prompt_ids[-CONTEXT_TOKENS:]), skip_special_tokens=True)
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -27,13 +37,9 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> bool:
         """Appends a token; returns True when a stop string has been reached."""
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        delta = self._next_text(token_id)
+        if not delta:
             return False
-        delta = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         start = max(0, len(self.text) - self.hold)
         self.text += delta
         hits = [at for s in self.stop if (at := self.text.find(s, start)) >= 0]
@@ -41,6 +47,17 @@ class IncrementalDetokenizer:
             self.text = self.text[: min(hits)]
             return True
         return False
+
+    def _next_text(self, token_id: int) -> str | None:
+        if self.stream is not None:
+            return self.stream.step(self.backend, token_id)
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]
 
     def take(self, final: bool) -> str:
         """Text not yet released; all of it when ``final``."""
