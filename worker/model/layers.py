@@ -14,11 +14,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``.
+
+        The residual form lets a decoder carry its stream through the norms, so on
+        the GPU the add is fused into the norm's kernel (updating ``residual`` in place).
+        """
         if x.is_cuda:  # one fused Triton kernel, same rounding
             from kvmesh.worker.kernels.norm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps)
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, residual=residual), residual
+        if residual is None:
+            return self._norm(x)
+        x = residual + x
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
