@@ -407,25 +407,18 @@ def test_graph_buckets_decode_and_small_prefill() -> None:
     assert capture_sizes(100)[-1] == 100
     runner = CudaGraphRunner(None, None, 64, 1024, 16, torch.device("cpu"))
 
-    def meta(q_lens: list[int], seq_len: int = 100, width: int = 8) -> AttentionMetadata:
-        n = len(q_lens)
-        return AttentionMetadata(
-            query_start_loc=torch.zeros(n + 1, dtype=torch.int32),
-            seq_lens=torch.full((n,), seq_len, dtype=torch.int32),
-            block_tables=torch.zeros(n, width, dtype=torch.int32),
-            slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64),
-            max_query_len=max(q_lens),
-            max_seq_len=seq_len,
-        )
+    def key(q_lens: list[int], seq_len: int = 100, width: int = 8):
+        return runner._key(sum(q_lens), len(q_lens), max(q_lens), seq_len, width)
 
-    assert runner._key(meta([1] * 3), 3) == ("decode", 4)
-    assert runner._key(meta([1] * 64), 64) == ("decode", 64)
-    assert runner._key(meta([1] * 65), 65) is None  # above max_num_seqs: eager
-    assert runner._key(meta([208]), 208) == ("prefill", 224)  # a cached prompt's tail
-    assert runner._key(meta([40] + [1] * 7), 47) == ("prefill", 64)  # a chunk mixed with decodes
-    assert runner._key(meta([1] * (PREFILL_SEQS + 1) + [5]), PREFILL_SEQS + 6) is None
-    assert runner._key(meta([600]), 600) is None  # large prefill: eager, GPU-bound anyway
-    assert runner._key(meta([1], seq_len=2048), 1) is None  # beyond the captured context
+    assert key([1] * 3) == ("decode", 4)
+    assert key([1] * 64) == ("decode", 64)
+    assert key([1] * 65) is None  # above max_num_seqs: eager
+    assert key([208]) == ("prefill", 224)  # a cached prompt's tail
+    assert key([40] + [1] * 7) == ("prefill", 64)  # a chunk mixed with decodes
+    assert key([1] * (PREFILL_SEQS + 1) + [5]) is None
+    assert key([600]) is None  # large prefill: eager, GPU-bound anyway
+    assert key([1], seq_len=2048) is None  # beyond the captured context
+    assert key([1], width=65) is None  # a block table wider than the captured one
 
 
 @in_process
@@ -475,3 +468,105 @@ def test_flash_attn_backend_calls(monkeypatch) -> None:
         out = backend.forward(batch.query, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
         _check(out, batch.reference(), dtype)
         assert [c[0] for c in calls] == ([kind] if kind else [])
+
+
+# --- CUDA graph runner's staging, with each graph replaced by an eager call ------------------
+
+
+class _EagerGraphs(dict):
+    """Stands in for captured graphs: replaying a key runs the function a capture would record."""
+
+    def __init__(self, runner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def __missing__(self, key):
+        runner = self.runner
+
+        class Graph:
+            def replay(self) -> None:
+                runner.outputs[key] = runner._forward(key)
+
+        return Graph()
+
+
+@in_process
+def test_graph_runner_staging_matches_eager() -> None:
+    """Steps staged through the runner's pinned buffers (padding, stale rows from larger
+    steps, the decode graphs' LM head and argmax, prefill rows that do not sample) give the
+    logits of the plain eager forward over the same paged cache."""
+    from transformers import LlamaConfig
+
+    from kvmesh.worker.engine.cuda_graphs import CudaGraphRunner
+    from kvmesh.worker.engine.model_runner import StepInputs
+    from kvmesh.worker.model.llama import LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config, TritonAttentionBackend(), 256).eval()
+    cache_eager = torch.zeros(2, 2, 32, 16, 2, 16, device=DEVICE)
+    cache_graph = cache_eager.clone()
+    runner = CudaGraphRunner(model, cache_graph, 8, 256, 16, DEVICE)
+    runner.graphs = _EagerGraphs(runner)
+    tables = {"a": [3, 7], "b": [5], "c": [1, 2, 4]}
+    rng = random.Random(3)
+
+    def step(chunks: list[tuple[str, int, int, bool]]) -> StepInputs:
+        """chunks: (sequence, first position, tokens, samples)."""
+        ids, pos, slots, qsl, lens, rows = [], [], [], [0], [], []
+        for name, start, n, samples in chunks:
+            ids += [rng.randrange(97) for _ in range(n)]
+            pos += list(range(start, start + n))
+            slots += [tables[name][p // 16] * 16 + p % 16 for p in range(start, start + n)]
+            qsl.append(qsl[-1] + n)
+            lens.append(start + n)
+            if samples:
+                rows.append(qsl[-1] - 1)
+        seq_tables = [tables[c[0]] for c in chunks]
+        return StepInputs(
+            ids, pos, slots, qsl, lens, seq_tables, rows, [None] * len(rows),
+            max(c[2] for c in chunks), max(lens), max(len(t) for t in seq_tables),
+        )  # fmt: skip
+
+    def eager(s: StepInputs) -> torch.Tensor:
+        width = s.max_blocks
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(s.query_start_loc, dtype=torch.int32, device=DEVICE),
+            seq_lens=torch.tensor(s.seq_lens, dtype=torch.int32, device=DEVICE),
+            block_tables=torch.tensor(
+                [t + [0] * (width - len(t)) for t in s.block_tables], dtype=torch.int32, device=DEVICE
+            ),
+            slot_mapping=torch.tensor(s.slot_mapping, dtype=torch.int64, device=DEVICE),
+            max_query_len=s.max_query_len,
+            max_seq_len=s.max_seq_len,
+        )
+        ids = torch.tensor(s.input_ids, device=DEVICE)
+        hidden = model(ids, torch.tensor(s.positions, device=DEVICE), cache_eager, meta)
+        return model.compute_logits(hidden[torch.tensor(s.logits_rows, dtype=torch.long, device=DEVICE)])
+
+    steps = [
+        [("a", 0, 20, False), ("b", 0, 9, True)],  # prefill: a chunk that samples nothing
+        [("a", 20, 5, True), ("c", 0, 33, True)],  # 38 tokens in the 64-token graph
+        [("a", 25, 1, True), ("b", 9, 1, True), ("c", 33, 1, True)],  # decode, padded to 4
+        [("b", 10, 1, True)],  # decode after a larger one: stale rows must not write
+        [("c", 34, 1, False), ("a", 26, 1, True)],  # one row of two samples
+    ]
+    with torch.inference_mode():
+        for chunks in steps:
+            s = step(chunks)
+            assert runner.can_run(s)
+            want = eager(s)
+            logits, greedy = runner.run(s)
+            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+            if greedy is not None:
+                assert greedy.tolist() == logits.argmax(-1).tolist()
+        torch.testing.assert_close(cache_graph, cache_eager, rtol=1e-5, atol=1e-5)

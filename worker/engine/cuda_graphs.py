@@ -15,16 +15,27 @@ its inputs into static buffers and replays the smallest graph that fits:
 Padded tokens write no KV (slot -1); padded sequences attend to nothing
 (seq_len 0); their outputs are dropped. The decode split count is fixed at
 capture from the context limit, so a graph holds for any context up to it.
+
+A decode graph also holds the LM head and the greedy argmax (every decode row
+samples); a prefill graph ends at the final norm, since a chunk that does not
+reach its prompt's end samples nothing and its head would read the vocabulary
+weights for no use. The step's integer inputs are written on the host into
+two pinned staging buffers laid out like the graphs' static buffers, so a
+step costs two host-to-device copies and one replay.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvmesh.worker.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kvmesh.worker.engine.model_runner import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +66,38 @@ class CudaGraphRunner:
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.device = device
         self.sizes = capture_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.prefill_tokens = PREFILL_TOKENS
         self.max_seq_len = max_seq_len
         max_tokens = max(self.max_batch, self.prefill_tokens[-1])
         max_seqs = max(self.max_batch, PREFILL_SEQS)
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(
-            max_seqs, -(-max_seq_len // block_size), dtype=torch.int32, device=device
-        )
+        self.max_blocks = -(-max_seq_len // block_size)
+        # int64: input ids, positions, slots, logits rows; int32: seq lens, prefill qsl, block tables.
+        sizes64 = (max_tokens, max_tokens, max_tokens, max_seqs)
+        sizes32 = (max_seqs, PREFILL_SEQS + 1, max_seqs * self.max_blocks)
+        self.host64 = torch.zeros(sum(sizes64), dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.host32 = torch.zeros(sum(sizes32), dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.dev64 = torch.zeros(sum(sizes64), dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(sum(sizes32), dtype=torch.int32, device=device)
+        self.host64[2 * max_tokens : 3 * max_tokens] = -1
+        self.dev64[2 * max_tokens : 3 * max_tokens] = -1
+        self.input_ids, self.positions, self.slot_mapping, self.logits_idx = self.dev64.split(sizes64)
+        self.seq_lens, self.prefill_qsl, tables = self.dev32.split(sizes32)
+        self.block_tables = tables.view(max_seqs, self.max_blocks)
+        self.h_ids, self.h_pos, self.h_slots, self.h_rows = (t.numpy() for t in self.host64.split(sizes64))
+        self.h_seq_lens, self.h_qsl, h_tables = (t.numpy() for t in self.host32.split(sizes32))
+        self.h_tables = h_tables.reshape(max_seqs, self.max_blocks)
+        self.tables_offset = sizes32[0] + sizes32[1]
         self.decode_qsl = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)  # one token each
-        self.prefill_qsl = torch.zeros(PREFILL_SEQS + 1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        # The decode graphs' LM head output (float32) and its argmax, one row per sequence.
+        vocab = model.lm_head.weight.shape[0] if model is not None else 0
+        self.logits = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=device)
+        self.greedy = torch.empty(self.max_batch, dtype=torch.int64, device=device)
+        self._staged = torch.cuda.Event() if device.type == "cuda" else None
 
     def _meta(self, key: tuple[str, int]) -> AttentionMetadata:
         kind, n = key
@@ -94,8 +120,12 @@ class CudaGraphRunner:
         )
 
     def _forward(self, key: tuple[str, int]) -> torch.Tensor:
-        n = key[1]
-        return self.model(self.input_ids[:n], self.positions[:n], self.kv_cache, self._meta(key))
+        kind, n = key
+        hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_cache, self._meta(key))
+        if kind == "decode":
+            logits = self.model.compute_logits(hidden, out=self.logits[:n])
+            torch.argmax(logits, dim=-1, out=self.greedy[:n])
+        return hidden
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -119,37 +149,59 @@ class CudaGraphRunner:
             time.perf_counter() - start,
         )
 
-    def _key(self, meta: AttentionMetadata, num_tokens: int) -> tuple[str, int] | None:
-        if meta.max_seq_len > self.max_seq_len or meta.block_tables.shape[1] > self.block_tables.shape[1]:
+    def _key(
+        self, num_tokens: int, num_seqs: int, max_query_len: int, max_seq_len: int, max_blocks: int
+    ) -> tuple[str, int] | None:
+        if max_seq_len > self.max_seq_len or max_blocks > self.max_blocks:
             return None
-        if meta.max_query_len == 1 and num_tokens <= self.max_batch:
+        if max_query_len == 1 and num_tokens <= self.max_batch:
             return "decode", next(s for s in self.sizes if s >= num_tokens)
-        if num_tokens <= self.prefill_tokens[-1] and meta.num_seqs <= PREFILL_SEQS:
+        if num_tokens <= self.prefill_tokens[-1] and num_seqs <= PREFILL_SEQS:
             return "prefill", next(t for t in self.prefill_tokens if t >= num_tokens)
         return None
 
-    def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        return self._key(meta, num_tokens) is not None
+    def key_for(self, step: StepInputs) -> tuple[str, int] | None:
+        return self._key(
+            len(step.input_ids), len(step.seq_lens), step.max_query_len, step.max_seq_len, step.max_blocks
+        )
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        n = input_ids.shape[0]
-        key = self._key(meta, n)
-        assert key is not None, "call can_run first"
+    def can_run(self, step: StepInputs) -> bool:
+        return self.key_for(step) is not None
+
+    def run(self, step: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Replays the step's graph; returns the sampled rows' float32 logits and, from decode
+        graphs, their argmax (``None, None`` when no row samples)."""
+        key = self.key_for(step)
+        if key is None:
+            raise ValueError("no CUDA graph fits this step (call can_run first)")
         kind, padded = key
-        seqs = meta.num_seqs
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:seqs].copy_(meta.seq_lens, non_blocking=True)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:seqs, :width].copy_(meta.block_tables, non_blocking=True)
-        # Padding from an earlier, larger step must neither write nor read.
-        self.slot_mapping[n:padded].fill_(-1)
-        if kind == "decode":
-            self.seq_lens[seqs:padded].fill_(0)
-        else:
-            self.seq_lens[seqs:PREFILL_SEQS].fill_(0)
-            self.prefill_qsl[: seqs + 1].copy_(meta.query_start_loc, non_blocking=True)
-            self.prefill_qsl[seqs + 1 :].fill_(n)
+        n, seqs, rows = len(step.input_ids), len(step.seq_lens), len(step.logits_rows)
+        if self._staged is not None:
+            self._staged.synchronize()  # the last step's copy has read the staging buffers
+        self.h_ids[:n] = step.input_ids
+        self.h_pos[:n] = step.positions
+        self.h_slots[:n] = step.slot_mapping
+        self.h_slots[n:padded] = -1  # padding from an earlier, larger step must neither write nor read
+        self.h_rows[:rows] = step.logits_rows
+        self.h_seq_lens[:seqs] = step.seq_lens
+        self.h_seq_lens[seqs : padded if kind == "decode" else PREFILL_SEQS] = 0
+        if kind == "prefill":
+            self.h_qsl[: seqs + 1] = step.query_start_loc
+            self.h_qsl[seqs + 1 :] = n
+        for i, table in enumerate(step.block_tables):
+            self.h_tables[i, : len(table)] = table
+        end32 = self.tables_offset + seqs * self.max_blocks  # padded sequences read no table
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32[:end32].copy_(self.host32[:end32], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
         self.graphs[key].replay()
-        return self.outputs[key][:n]
+        if not rows:
+            return None, None
+        if kind == "prefill":
+            hidden = self.outputs[key].index_select(0, self.logits_idx[:rows])
+            return self.model.compute_logits(hidden), None
+        if rows == n:  # every decode row samples (the usual case)
+            return self.logits[:n], self.greedy[:n]
+        idx = self.logits_idx[:rows]
+        return self.logits.index_select(0, idx), self.greedy.index_select(0, idx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +15,23 @@ from kvmesh.worker.model import loader
 from kvmesh.worker.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One scheduled step on the host: flat per-token lists and per-sequence layout."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]  # each sequence's own table, unpadded
+    logits_rows: list[int]  # rows whose next token is sampled
+    sample_seqs: list
+    max_query_len: int
+    max_seq_len: int
+    max_blocks: int
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -131,8 +149,8 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         del dummy_cache
 
-    def prepare(self, out: SchedulerOutput):
-        """Flattens a scheduled step into model inputs; returns them and the rows to sample."""
+    def host_inputs(self, out: SchedulerOutput) -> StepInputs:
+        """Flattens a scheduled step into host lists (no device work)."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -144,30 +162,54 @@ class ModelRunner:
         for seq, n in zip(out.seqs, out.num_tokens):
             start = seq.num_computed_tokens
             end = start + n
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:  # a decode: no ranges or generators
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
             if end == seq.num_tokens:  # reached the end of known tokens: sample the next one
                 logits_rows.append(qsl[-1] - 1)
                 sample_seqs.append(seq)
-        max_blocks = max(len(s.block_table) for s in out.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in out.seqs]
-        meta = AttentionMetadata(
-            query_start_loc=self._to_device(qsl, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=self._to_device(tables, torch.int32),
-            slot_mapping=self._to_device(slots, torch.int64),
+        tables = [s.block_table for s in out.seqs]
+        return StepInputs(
+            input_ids=ids,
+            positions=positions,
+            slot_mapping=slots,
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
+            block_tables=tables,
+            logits_rows=logits_rows,
+            sample_seqs=sample_seqs,
             max_query_len=max(out.num_tokens),
             max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
+            max_blocks=max(len(t) for t in tables),
         )
-        input_ids = self._to_device(ids, torch.long)
-        pos = self._to_device(positions, torch.long)
-        return input_ids, pos, meta, logits_rows, sample_seqs
+
+    def prepare(self, out: SchedulerOutput):
+        """Model inputs of a step as device tensors; returns them and the rows to sample."""
+        return self._device_inputs(self.host_inputs(out))
+
+    def _device_inputs(self, step: StepInputs):
+        tables = [t + [0] * (step.max_blocks - len(t)) for t in step.block_tables]
+        meta = AttentionMetadata(
+            query_start_loc=self._to_device(step.query_start_loc, torch.int32),
+            seq_lens=self._to_device(step.seq_lens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32),
+            slot_mapping=self._to_device(step.slot_mapping, torch.int64),
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len,
+            query_start_loc_cpu=step.query_start_loc,
+            seq_lens_cpu=step.seq_lens,
+        )
+        input_ids = self._to_device(step.input_ids, torch.long)
+        pos = self._to_device(step.positions, torch.long)
+        return input_ids, pos, meta, step.logits_rows, step.sample_seqs
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host lists go through pinned memory with asynchronous copies on the GPU."""
@@ -178,11 +220,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list, list[int]]:
         """Runs the step; returns the sequences that sampled and their new tokens."""
-        input_ids, positions, meta, logits_rows, sample_seqs = self.prepare(out)
-        if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        step = self.host_inputs(out)
+        if self.graphs is not None and self.graphs.can_run(step):
+            logits, greedy = self.graphs.run(step)
+            if not step.sample_seqs:
+                return [], []
+            return step.sample_seqs, sample(logits, step.sample_seqs, greedy)
+        input_ids, positions, meta, logits_rows, sample_seqs = self._device_inputs(step)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
         if not sample_seqs:
             return [], []
         rows = self._to_device(logits_rows, torch.long)

@@ -7,9 +7,10 @@ import torch
 from kvmesh.worker.engine.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """``logits [S, V]`` (float32), one row per sequence."""
-    tokens = logits.argmax(dim=-1).tolist()
+def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
+    """``logits [S, V]`` (float32), one row per sequence; ``greedy`` is their argmax when the
+    caller already has it (a decode CUDA graph computes it)."""
+    tokens = (logits.argmax(dim=-1) if greedy is None else greedy).tolist()
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.greedy:
