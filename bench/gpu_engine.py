@@ -10,6 +10,7 @@ and the ratio.
     python bench/gpu_engine.py --shape llama3-8b --json out.json
     python bench/gpu_engine.py --shape qwen2.5-0.5b --hf-batches 1,256
     python bench/gpu_engine.py --shape tiny --device cpu      # smoke test of the script itself
+    python bench/gpu_engine.py --hf-batches '' --batches '' --sharegpt-requests 0   # batch 1 and TTFT only
 """
 
 from __future__ import annotations
@@ -250,8 +251,13 @@ class Bench:
                     "",
                 )
 
-        # ShareGPT-like mix: log-normal lengths (median ~180 in, ~150 out), clipped.
         n = self.args.sharegpt_requests
+        if n:
+            self.sharegpt(llm, n)
+        self.batch1_and_ttft(llm, hf)
+
+    def sharegpt(self, llm: LLM, n: int) -> None:
+        """A ShareGPT-like mix: log-normal lengths (median ~180 in, ~150 out), clipped."""
         ins = [min(max(int(self.rng.lognormvariate(5.2, 0.9)), 4), 1536) for _ in range(n)]
         outs_len = [min(max(int(self.rng.lognormvariate(5.0, 0.8)), 4), 768) for _ in range(n)]
         t, outs = self.generate(llm, [self.prompt(x) for x in ins], outs_len)
@@ -264,6 +270,7 @@ class Bench:
             f"mean in {statistics.mean(ins):.0f}, out {statistics.mean(outs_len):.0f}",
         )
 
+    def batch1_and_ttft(self, llm: LLM, hf: dict[int, float]) -> None:
         # Batch-1 decode: the time of 256 extra tokens.
         t1, _ = self.generate(llm, [self.prompt(128)], 1)
         tn, _ = self.generate(llm, [self.prompt(128)], 257)
