@@ -19,13 +19,14 @@ import grpc
 
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.router import Candidate
+from kvmesh.rpc import KEEPALIVE_TIME_MS
 from kvmesh.store import MetadataStore, RoutingView, StoreError, WorkerInfo
 from kvmesh.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -27,6 +27,7 @@ from kvmesh.gateway.pool import WorkerPool
 from kvmesh.gateway.router import Router
 from kvmesh.gateway.tokenizer import InvalidPrompt, LocalTokenizer, WorkerTokenizer
 from kvmesh.prefix import block_hashes
+from kvmesh.rpc import SERVER_OPTIONS
 from kvmesh.store import InProcessStore, MetadataStore, StoreError
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
@@ -231,7 +232,7 @@ class Gateway:
     async def start(self) -> str:
         for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [

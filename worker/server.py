@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvmesh.rpc import SERVER_OPTIONS
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from kvmesh.worker.engine.errors import EngineStopped, InvalidRequest, QueueFull
 from kvmesh.worker.engine.sampling_params import SamplingParams
@@ -366,7 +367,7 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     health_servicer = health.aio.HealthServicer()
     await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(state), server)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
