@@ -366,38 +366,6 @@ def test_rotary_matches_rotate_half() -> None:
     torch.testing.assert_close(qkv_dev[:, heads + kv_heads :].cpu(), qkv[:, heads + kv_heads :])
 
 
-@in_process
-def test_rotary_and_write_kv_matches_two_kernels() -> None:
-    """The fused launch rotates q in place and writes rotated k and v where apply_rotary
-    followed by write_kv would, skipping slot -1."""
-    gen = torch.Generator().manual_seed(14)
-    dtype = DTYPES[0]
-    heads, kv_heads, head_dim, tokens, block = 6, 2, 32, 9, 4
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    cos_sin = rotary.cos_sin_cache(inv_freq, 64).to(DEVICE)
-    positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
-    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    slots = torch.randperm(6 * block, generator=gen)[:tokens].to(DEVICE)
-    slots[3] = -1
-    caches = [torch.full((6, block, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)]
-    caches += [c.clone() for c in caches * 3]
-
-    def split(x: torch.Tensor):
-        return x[:, :heads], x[:, heads : heads + kv_heads], x[:, heads + kv_heads :]
-
-    ref = qkv.clone()
-    q, k, v = split(ref)
-    rotary.apply_rotary(positions, q, k, cos_sin)
-    kv_cache_kernels.write_kv(k, v, caches[0], caches[1], slots)
-    fused = qkv.clone()
-    q2, k2, v2 = split(fused)
-    rotary.apply_rotary_and_write_kv(positions, q2, k2, v2, cos_sin, caches[2], caches[3], slots)
-    torch.testing.assert_close(q2, q, rtol=0, atol=0)
-    torch.testing.assert_close(caches[2], caches[0], rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(caches[3], caches[1], rtol=0, atol=0, equal_nan=True)
-    assert not caches[2].view(-1, kv_heads, head_dim)[slots[:3]].isnan().any()
-
-
 # --- real shapes, GPU only -------------------------------------------------------------------
 
 LLAMA_8B = (32, 8, 128)

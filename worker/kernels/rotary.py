@@ -1,9 +1,5 @@
 """Rotary position embedding (rotate-half / GPT-NeoX layout, as Llama, Qwen2 and
-Mistral use) applied in place to the query and key of one step in one launch.
-
-``apply_rotary_and_write_kv`` also scatters the rotated keys and the values into
-the paged KV cache in that launch (the layout of ``kv_cache.write_kv``), so a
-layer spends one small kernel, not two, between its QKV projection and attention."""
+Mistral use) applied in place to the query and key of one step in one launch."""
 
 from __future__ import annotations
 
@@ -18,25 +14,11 @@ def _rope_kernel(
     k_ptr,
     positions_ptr,
     cos_sin_ptr,
-    v_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    slot_mapping_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
     stride_cs,
-    stride_vt,
-    stride_vh,
-    stride_kcb,
-    stride_kct,
-    stride_kch,
-    stride_vcb,
-    stride_vct,
-    stride_vch,
-    BLOCK_SIZE: tl.constexpr,
-    WRITE_KV: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,
@@ -64,29 +46,8 @@ def _rope_kernel(
     k1_ptr = k_ptr + t * stride_kt + hk[:, None] * stride_kh + offs[None, :]
     k1 = tl.load(k1_ptr, mask=k_mask, other=0.0).to(tl.float32)
     k2 = tl.load(k1_ptr + HALF, mask=k_mask, other=0.0).to(tl.float32)
-    k1_out = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty)
-    k2_out = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty)
-    if WRITE_KV:  # rotated keys and the values go straight to their cache slot (-1: nowhere)
-        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
-        w_mask = k_mask & (slot >= 0)
-        block = slot // BLOCK_SIZE
-        offset = slot % BLOCK_SIZE
-        kc_ptr = (
-            k_cache_ptr + block * stride_kcb + offset * stride_kct + hk[:, None] * stride_kch + offs[None, :]
-        )
-        tl.store(kc_ptr, k1_out.to(k_cache_ptr.dtype.element_ty), mask=w_mask)
-        tl.store(kc_ptr + HALF, k2_out.to(k_cache_ptr.dtype.element_ty), mask=w_mask)
-        v1_ptr = v_ptr + t * stride_vt + hk[:, None] * stride_vh + offs[None, :]
-        vc_ptr = (
-            v_cache_ptr + block * stride_vcb + offset * stride_vct + hk[:, None] * stride_vch + offs[None, :]
-        )
-        v1 = tl.load(v1_ptr, mask=w_mask, other=0.0)
-        v2 = tl.load(v1_ptr + HALF, mask=w_mask, other=0.0)
-        tl.store(vc_ptr, v1.to(v_cache_ptr.dtype.element_ty), mask=w_mask)
-        tl.store(vc_ptr + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=w_mask)
-    else:
-        tl.store(k1_ptr, k1_out, mask=k_mask)
-        tl.store(k1_ptr + HALF, k2_out, mask=k_mask)
+    tl.store(k1_ptr, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(k1_ptr + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty), mask=k_mask)
 
 
 def cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, scaling: float = 1.0) -> torch.Tensor:
@@ -102,28 +63,6 @@ def apply_rotary(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin: torch.Tensor
 ) -> None:
     """Rotate ``query [T, H, D]`` and ``key [T, Hkv, D]`` in place (strided views are fine)."""
-    _launch(positions, query, key, cos_sin, None)
-
-
-def apply_rotary_and_write_kv(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos_sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Rotate ``query`` in place and write the rotated ``key`` and ``value`` ``[T, Hkv, D]``
-    to caches ``[blocks, block_size, Hkv, D]`` at ``slot_mapping`` (``key`` itself is left
-    unrotated: only the cache holds it)."""
-    if value.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("values and KV caches need a contiguous head dimension")
-    _launch(positions, query, key, cos_sin, (value, k_cache, v_cache, slot_mapping))
-
-
-def _launch(positions, query, key, cos_sin, cache) -> None:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     if query.stride(-1) != 1 or key.stride(-1) != 1:
@@ -131,28 +70,16 @@ def _launch(positions, query, key, cos_sin, cache) -> None:
     if num_tokens == 0:
         return
     half = head_dim // 2
-    value, k_cache, v_cache, slot_mapping = cache or (key, query, query, positions)
-    cache_strides = (k_cache.stride()[:3], v_cache.stride()[:3]) if cache else ((0, 0, 0), (0, 0, 0))
     _rope_kernel[(num_tokens,)](
         query,
         key,
         positions,
         cos_sin,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
         query.stride(0),
         query.stride(1),
         key.stride(0),
         key.stride(1),
         cos_sin.stride(0),
-        value.stride(0),
-        value.stride(1),
-        *cache_strides[0],
-        *cache_strides[1],
-        BLOCK_SIZE=k_cache.shape[1] if cache else 1,
-        WRITE_KV=cache is not None,
         NUM_Q_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=half,

@@ -94,14 +94,6 @@ class RotaryEmbedding(nn.Module):
         k_out = k.float() * cos + _rotate_half(k.float()) * sin
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
-    def apply_and_write_kv(self, positions, q, k, v, k_cache, v_cache, slot_mapping) -> torch.Tensor:
-        """GPU only: rotates ``q`` in place and writes rotated ``k`` and ``v`` into the paged
-        caches (``kernels.kv_cache`` layout) in one launch; returns ``q``."""
-        from kvmesh.worker.kernels.rotary import apply_rotary_and_write_kv
-
-        apply_rotary_and_write_kv(positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping)
-        return q
-
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2

@@ -13,8 +13,6 @@ from kvmesh.worker.attention import AttentionBackend, AttentionMetadata
 from kvmesh.worker.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
-# Backends whose write_kv is kernels.kv_cache's: on the GPU, RoPE and that write share one launch.
-PAGED_KV_BACKENDS = ("triton", "flash_attn")
 
 
 class Attention(nn.Module):
@@ -38,12 +36,9 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
         k_cache, v_cache = kv_cache[0][self.layer_idx], kv_cache[1][self.layer_idx]
-        if q.is_cuda and self.backend.name in PAGED_KV_BACKENDS:
-            q = rotary.apply_and_write_kv(positions, q, k, v, k_cache, v_cache, meta.slot_mapping)
-        else:
-            q, k = rotary(positions, q, k)
-            self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
