@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from kvmesh.gateway.router import POLICIES
+from kvmesh.logs import setup_logging
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,15 +44,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shutdown-grace", type=float, default=25.0, help="seconds streams get on SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
 
 
 def options_from_args(args: argparse.Namespace):

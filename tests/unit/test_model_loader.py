@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvmesh.worker.model.loader import DEFAULT_MODEL_NAME, resolve_model
+from kvmesh.models import DEFAULT_MODEL_NAME
+from kvmesh.worker.model.loader import resolve_model
 
 
 def test_default_model_resolves_to_a_converted_directory(smollm_dir):

@@ -14,9 +14,9 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from kvmesh.models import chat_token_ids
 from kvmesh.worker.engine.config import EngineConfig
 from kvmesh.worker.engine.errors import EngineStopped, InvalidRequest, QueueFull
-from kvmesh.worker.engine.llm import apply_chat_template
 from kvmesh.worker.engine.llm_engine import LLMEngine
 from kvmesh.worker.engine.outputs import BlockEvent, EngineStats, LoadStats, RequestOutput
 from kvmesh.worker.engine.sampling_params import SamplingParams
@@ -88,11 +88,9 @@ class AsyncEngine:
 
     def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         try:
-            return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
+            return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
-        except Exception as e:  # the template itself rejected the messages (e.g. bad role order)
-            raise InvalidRequest(f"chat template failed: {e}") from e
 
     async def generate(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from kvmesh.models import chat_token_ids
 from kvmesh.worker.engine.config import EngineConfig
 from kvmesh.worker.engine.llm_engine import LLMEngine
 from kvmesh.worker.engine.outputs import CompletionOutput
@@ -18,7 +19,7 @@ class LLM:
         self._next_id = 0
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
 
     def generate(
         self,
@@ -61,13 +62,3 @@ class LLM:
                         cached_tokens=out.cached_tokens,
                     )
         return [done[rid] for rid in ids]
-
-
-def apply_chat_template(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True):
-    """Token ids of a chat, formatted by the model's own template."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("this model has no chat template; send text or token ids")
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if hasattr(out, "keys") and "input_ids" in out:  # some tokenizers return a BatchEncoding
-        out = out["input_ids"]
-    return list(out)

