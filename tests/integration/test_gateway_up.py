@@ -40,8 +40,12 @@ def read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
         if time.monotonic() > deadline or proc.poll() is not None:
             raise AssertionError(f"{marker!r} not printed; output so far:\n{text}")
         if selector.select(timeout=0.5):
-            line = proc.stdout.readline()
-            text += line
+            # Read the pipe itself: readline() could leave later lines in Python's buffer, where
+            # the selector never sees them.
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                continue
+            text += chunk.decode(errors="replace")
     return text
 
 
