@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvmesh.prefix import chain_hash
+from kvmesh.prefix import block_hashes
 from kvmesh.worker.engine.sampling_params import SamplingParams
 
 _arrival = itertools.count()
@@ -57,8 +57,7 @@ class Sequence:
 
     def update_block_hashes(self, block_size: int) -> None:
         """Extends ``block_hashes`` over every block of ``token_ids`` that is now full."""
-        n_full = len(self.token_ids) // block_size
-        parent = self.block_hashes[-1] if self.block_hashes else self.root_hash
-        for i in range(len(self.block_hashes), n_full):
-            parent = chain_hash(parent, self.token_ids[i * block_size : (i + 1) * block_size])
-            self.block_hashes.append(parent)
+        start, end = len(self.block_hashes) * block_size, len(self.token_ids) // block_size * block_size
+        if end > start:
+            parent = self.block_hashes[-1] if self.block_hashes else self.root_hash
+            self.block_hashes += block_hashes(self.token_ids[start:end], block_size, parent=parent)
