@@ -26,12 +26,6 @@ def root_hash(model: str, cache_salt: str = "") -> int:
     return xxhash.xxh3_64_intdigest(model.encode() + b"\x00" + cache_salt.encode())
 
 
-def chain_hash(parent: int, block_tokens: Sequence[int]) -> int:
-    """Key of one full block given its parent's key."""
-    data = parent.to_bytes(8, "little") + np.asarray(block_tokens, dtype="<u4").tobytes()
-    return xxhash.xxh3_64_intdigest(data)
-
-
 def block_hashes(
     token_ids: Sequence[int],
     block_size: int = DEFAULT_BLOCK_SIZE,
