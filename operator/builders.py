@@ -26,6 +26,8 @@ CONFIG_HASH_ANNOTATION = "kvmesh.io/config-hash"
 
 Manifest = dict[str, Any]
 
+TERMINATION_GRACE_S = 60  # the worker pod's grace period; streams drain within it
+
 
 @dataclass(slots=True, frozen=True)
 class OperatorConfig:
@@ -168,6 +170,9 @@ def worker_command(name: str, spec: Manifest) -> list[str]:
         _number(engine["gpuMemoryUtilization"]),
         "--tensor-parallel-size",
         str(engine["tensorParallelSize"]),
+        # In-flight streams get the pod's grace period, less time to exit before SIGKILL.
+        "--shutdown-grace",
+        str(TERMINATION_GRACE_S - 5),
         *(["--served-model-name", spec["model"]["servedName"]] if spec["model"].get("servedName") else []),
         *engine.get("extraArgs", []),
     ]
@@ -406,7 +411,7 @@ def build_worker_deployment(owner: Owner, spec: Manifest, config: OperatorConfig
     pod_spec: Manifest = {
         "containers": [container],
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,

@@ -106,6 +106,7 @@ def test_worker_command_is_the_worker_cli_contract() -> None:
         "--max-model-len", "4096",
         "--gpu-memory-utilization", "0.85",
         "--tensor-parallel-size", "1",
+        "--shutdown-grace", "55",
         "--enable-prefix-caching",
     ]  # fmt: skip
 
