@@ -206,7 +206,7 @@ async def test_duplicate_running_request_id_is_refused(channel) -> None:
 
 def test_unset_proto_fields_keep_sampling_defaults() -> None:
     from kvmesh.worker.engine.sampling_params import SamplingParams
-    from kvmesh.worker.server import sampling_params
+    from kvmesh.worker.servicers import sampling_params
 
     defaults = SamplingParams()
     unset = sampling_params(inference_pb2.SamplingParams(), prompt_len=10, max_model_len=2048)
