@@ -92,13 +92,8 @@ def chat_messages(chat: inference_pb2.ChatInput) -> list[dict[str, str]]:
 
 def tokenize_chat(engine: AsyncEngine, chat: inference_pb2.ChatInput) -> list[int]:
     add_generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-    messages = chat_messages(chat)
-    try:
-        return engine.tokenize_chat(messages, add_generation_prompt=add_generation_prompt)
-    except InvalidRequest:
-        raise
-    except Exception as e:  # the model's Jinja template rejects a conversation with an exception
-        raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
+    # Template rejections already arrive as InvalidRequest (kvmesh.models.chat_token_ids).
+    return engine.tokenize_chat(chat_messages(chat), add_generation_prompt=add_generation_prompt)
 
 
 def prompt_token_ids(engine: AsyncEngine, request: inference_pb2.GenerateRequest) -> list[int]:
