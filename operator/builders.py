@@ -234,8 +234,11 @@ def worker_env(owner: Owner, spec: Manifest, config: OperatorConfig) -> list[Man
         {"name": "KVMESH_MODEL", "value": model["source"]},
         # hf:// weights download into the "model" volume; other sources only cache tokenizers there.
         {"name": "HF_HOME", "value": f"{hf_root}/huggingface"},
+        # The root filesystem is read-only: every cache a worker writes lives on the cache volume.
+        {"name": "KVMESH_CACHE", "value": f"{CACHE_DIR}/kvmesh"},
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        {"name": "TRITON_HOME", "value": CACHE_DIR},
     ]
     optional = {
         "KVMESH_MODEL_FILE": model.get("file"),

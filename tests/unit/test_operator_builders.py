@@ -487,3 +487,19 @@ def test_gateway_args_parse_with_the_gateway_cli() -> None:
     assert "{{" not in " ".join(rendered), rendered
     args = parser.parse_args(rendered)
     assert (args.port, args.deployment) == (50051, "smollm2")
+
+
+# Caches the worker's libraries write (kvmesh's GGUF conversions, Hugging Face, Triton kernels).
+CACHE_ENV = ("KVMESH_CACHE", "HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TRITON_HOME")
+
+
+@pytest.mark.parametrize("source", ["hf://a/b", "hostpath:///data/smol", "pvc://weights/m"])
+def test_every_cache_lives_on_a_writable_volume(source: str) -> None:
+    """The root filesystem is read-only, so a cache outside a writable mount crashes the worker."""
+    container = worker(builders.build_worker_deployment(OWNER, spec(model={"source": source}), CONFIG))
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+    env = env_of(container)
+    for name in CACHE_ENV:
+        path = env[name]["value"]
+        assert any(path == m or path.startswith(m + "/") for m in writable), (name, path, writable)
