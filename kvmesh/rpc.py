@@ -1,6 +1,13 @@
-"""gRPC settings shared by every kvmesh server and client."""
+"""gRPC set-up shared by every kvmesh server (worker and gateway) and client: keepalive settings,
+listen addresses, the health service and reflection, so both servers open and close the same way."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 # Clients (the gateway's worker channels) send keepalive pings every 10 s, idle or not, to notice a
 # dead worker quickly. Servers must accept that rate, or they answer GOAWAY "too_many_pings".
@@ -12,3 +19,54 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, bracketing IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class RpcServer:
+    """A ``grpc.aio`` server with health (every service NOT_SERVING until ``set_serving``) and
+    reflection over the given services. ``register`` adds each servicer to the server."""
+
+    def __init__(
+        self, services: Sequence[str], register: Sequence[Callable[[grpc.aio.Server], None]]
+    ) -> None:
+        self.services = ("", *services)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        for add in register:
+            add(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([*services, health_name, reflection.SERVICE_NAME], self.server)
+        self.port = 0
+        self.address = ""
+
+    async def start(self, host: str, port: int) -> str:
+        """Binds (raises RuntimeError when the port is taken) and starts; returns ``host:port``."""
+        await self.set_serving(False)
+        self.port = self.server.add_insecure_port(host_port(host, port))
+        await self.server.start()
+        self.address = host_port(host, self.port)
+        return self.address
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in self.services:
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING for good (watchers see it at once), then the server's own graceful stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -43,6 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument(
+        "--http-port", type=int, default=None,
+        help="OpenAI-compatible HTTP API and /metrics on this port (default: off; 0 picks one)",
+    )  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="worker identity (default: hostname-pid)")
     parser.add_argument("--advertise-address", default="", help="host:port gateways dial (default host:port)")
     parser.add_argument("--deployment", default="default", help="deployment this worker belongs to")
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         metrics_port=args.metrics_port,
         shutdown_grace=args.shutdown_grace,
+        http_port=args.http_port,
     )
 
     def load_engine() -> AsyncEngine:

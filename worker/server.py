@@ -1,5 +1,6 @@
 """The worker process: serves ``kvmesh.v1.Inference`` and ``kvmesh.v1.Worker`` (worker/servicers.py)
-over one AsyncEngine, with health, reflection, metrics and the Redis reporter.
+and, with ``--http-port``, the OpenAI HTTP API (worker/http_server.py) over one AsyncEngine, with
+health, reflection, metrics and the Redis reporter.
 
 Lifecycle: the port opens at once with health NOT_SERVING (so probes and clients get a clear
 answer), the model loads in a thread, then health turns SERVING. SIGTERM/SIGINT drains: health
@@ -19,20 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from kvmesh.rpc import SERVER_OPTIONS
-from kvmesh.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from kvmesh.rpc import RpcServer, host_port
+from kvmesh.v1 import inference_pb2_grpc, worker_pb2_grpc
+from kvmesh.worker.http_server import make_http_server
 from kvmesh.worker.metrics import WorkerMetrics
-from kvmesh.worker.servicers import (
-    SERVICES,
-    InferenceServicer,
-    WorkerServicer,
-    WorkerState,
-    close_subscription,
-)
+from kvmesh.worker.servicers import InferenceServicer, WorkerServicer, WorkerState, close_subscription
+
+SERVICE_NAMES = ("kvmesh.v1.Inference", "kvmesh.v1.Worker")
 
 if TYPE_CHECKING:
     from kvmesh.worker.engine.async_engine import AsyncEngine
@@ -50,6 +44,7 @@ class ServerOptions:
     redis_url: str = ""
     metrics_port: int = 0  # 0: no metrics endpoint
     shutdown_grace: float = 25.0  # seconds in-flight requests get after SIGTERM
+    http_port: int | None = None  # OpenAI-compatible HTTP API and /metrics; None: off, 0: any port
 
 
 async def load_in_thread(factory: Callable[[], AsyncEngine]) -> AsyncEngine:
@@ -77,10 +72,6 @@ async def load_in_thread(factory: Callable[[], AsyncEngine]) -> AsyncEngine:
     return await future
 
 
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 def default_advertise_address(host: str, port: int) -> str:
     """host:port for others to dial; a wildcard listen address is replaced by this host's address."""
     if host not in ("", "0.0.0.0", "::", "[::]"):
@@ -91,38 +82,31 @@ def default_advertise_address(host: str, port: int) -> str:
         return host_port(socket.gethostname(), port)
 
 
-async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
-    for service in SERVICES:
-        await servicer.set(service, status)
-
-
 async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine]) -> int:
     """Serves until SIGTERM/SIGINT, then drains; returns the process exit code."""
     metrics = WorkerMetrics()
     state = WorkerState(options.worker_id, metrics)
-    health_servicer = health.aio.HealthServicer()
-    await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(state), server)
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(state), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-             worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME]  # fmt: skip
-    reflection.enable_server_reflection(names, server)
+    rpc = RpcServer(
+        SERVICE_NAMES,
+        [
+            lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(state), s),
+            lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(state), s),
+        ],
+    )
+    http = make_http_server(state) if options.http_port is not None else None
     try:
-        port = server.add_insecure_port(host_port(options.host, options.port))
-    except RuntimeError as e:
-        logger.error("Failed to bind address=%s error=%s", host_port(options.host, options.port), e)
+        address = await rpc.start(options.host, options.port)
+        http_port = await http.start(options.host, options.http_port) if http is not None else 0
+    except (RuntimeError, OSError) as e:
+        logger.error("Failed to bind host=%s port=%d error=%s", options.host, options.port, e)
+        await rpc.server.stop(0)
         return 1
-    address = host_port(options.host, port)
-    await server.start()
+    port = rpc.port
     metrics_port = metrics.serve(options.host, options.metrics_port) if options.metrics_port else 0
     logger.info(
-        "Loading model address=%s worker_id=%s metrics_port=%d", address, options.worker_id, metrics_port
-    )
+        "Loading model address=%s http_port=%d worker_id=%s metrics_port=%d",
+        address, http_port, options.worker_id, metrics_port,
+    )  # fmt: skip
 
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -133,22 +117,26 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
 
+    async def close_fronts() -> None:
+        await rpc.server.stop(0)
+        if http is not None:
+            await http.stop()
+        metrics.close()
+
     load = asyncio.ensure_future(load_in_thread(engine_factory))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not load.done():
         logger.info("Stopped before the model loaded")
         load.cancel()
-        await server.stop(0)
-        metrics.close()
+        await close_fronts()
         return 0
     try:
         engine = load.result()
         engine.start()
     except Exception:
         logger.exception("Failed to load the model")
-        await server.stop(0)
-        metrics.close()
+        await close_fronts()
         return 1
     state.engine = engine
     metrics.bind(engine)
@@ -156,14 +144,13 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
         reporter, reporter_task = await start_reporter(options, engine, port)
     except Exception:
         logger.exception("Failed to start the Redis reporter redis_url=%s", options.redis_url)
-        await server.stop(0)
         await engine.shutdown()
-        metrics.close()
+        await close_fronts()
         return 1
-    await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    await rpc.set_serving(True)
     logger.info(
-        "Worker ready address=%s model=%s max_model_len=%d worker_id=%s metrics_port=%d",
-        address, engine.model_name, engine.max_model_len, options.worker_id, metrics_port,
+        "Worker ready address=%s http_port=%d model=%s max_model_len=%d worker_id=%s metrics_port=%d",
+        address, http_port, engine.model_name, engine.max_model_len, options.worker_id, metrics_port,
     )  # fmt: skip
 
     # An engine thread that dies while idle still takes the worker down (and health with it).
@@ -179,7 +166,9 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     stopping.cancel()
     failed.cancel()
     watch.cancel()
-    await drain(options, state, health_servicer, server, reporter, reporter_task, force)
+    await drain(options, state, rpc, reporter, reporter_task, force)
+    if http is not None:
+        await http.stop()
     await engine.shutdown()
     metrics.close()
     logger.info("Worker stopped worker_id=%s exit_code=%d", options.worker_id, exit_code)
@@ -203,15 +192,14 @@ async def start_reporter(options: ServerOptions, engine: AsyncEngine, port: int)
 async def drain(
     options: ServerOptions,
     state: WorkerState,
-    health_servicer: health.aio.HealthServicer,
-    server: grpc.aio.Server,
+    rpc: RpcServer,
     reporter: Any,
     reporter_task: Any,
     force: asyncio.Event,
 ) -> None:
     """Health NOT_SERVING, refuse new work, let in-flight requests finish (abort them after the grace)."""
-    state.draining = True
-    await health_servicer.enter_graceful_shutdown()
+    state.draining = True  # both fronts refuse new generations from here on
+    await rpc.health.enter_graceful_shutdown()
     logger.info("Draining in_flight=%d grace=%.0fs", len(state.in_flight), options.shutdown_grace)
     if reporter is not None:  # deregister first, so gateways stop routing here
         reporter_task.cancel()
@@ -234,4 +222,4 @@ async def drain(
     for subscription in list(state.subscriptions):
         with contextlib.suppress(Exception):
             await close_subscription(subscription)
-    await server.stop(1.0)
+    await rpc.server.stop(1.0)

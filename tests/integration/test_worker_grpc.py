@@ -167,7 +167,6 @@ BAD_INPUTS = {
     "temperature nan": dict(prompt=PROMPT, temperature=float("nan")),
     "top_p 0": dict(prompt=PROMPT, top_p=0.0),
     "top_p > 1": dict(prompt=PROMPT, top_p=1.5),
-    "unknown model": dict(prompt=PROMPT, model="no-such-model"),
 }
 
 
@@ -180,6 +179,12 @@ async def test_bad_input_is_invalid_argument(channel, kwargs) -> None:
     # ... and the worker keeps serving.
     result = await generate(channel, build_request(PROMPT, max_tokens=2, temperature=0), timeout=60)
     assert result.completion_tokens >= 1
+
+
+async def test_unknown_model_is_not_found(channel) -> None:
+    error = await expect_error(channel, build_request(PROMPT, model="no-such-model"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error
+    assert "no-such-model" in error.details()
 
 
 async def test_bad_input_messages_are_clear(channel) -> None:
@@ -206,7 +211,7 @@ async def test_duplicate_running_request_id_is_refused(channel) -> None:
 
 def test_unset_proto_fields_keep_sampling_defaults() -> None:
     from kvmesh.worker.engine.sampling_params import SamplingParams
-    from kvmesh.worker.servicers import sampling_params
+    from kvmesh.worker.generation import sampling_params
 
     defaults = SamplingParams()
     unset = sampling_params(inference_pb2.SamplingParams(), prompt_len=10, max_model_len=2048)

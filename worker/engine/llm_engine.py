@@ -124,12 +124,12 @@ class LLMEngine:
                 self.stats.prefix_cache_queries += seq.num_prompt_tokens
                 self.stats.prefix_cache_hits += seq.num_cached_tokens
         self.stats.model_tokens += out.total_tokens
-        sampled, tokens = self.runner.execute(out)
+        sampled, tokens, logprobs = self.runner.execute(out)
         for seq, n in zip(out.seqs, out.num_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_computed(seq)
         outputs = []
-        for seq, token in zip(sampled, tokens):
+        for row, (seq, token) in enumerate(zip(sampled, tokens)):
             seq.token_ids.append(token)
             seq.update_block_hashes(self.block_size)
             self.stats.generation_tokens += 1
@@ -141,6 +141,8 @@ class LLMEngine:
             else:
                 text = self.detokenizers[seq.request_id].take(final=False)
                 outputs.append(self._delta(seq, text, [token]))
+            if logprobs is not None and logprobs[row] is not None:
+                outputs[-1].logprobs = [logprobs[row]]
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int, hit_stop: bool) -> str | None:

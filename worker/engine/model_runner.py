@@ -218,18 +218,19 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list, list[int]]:
-        """Runs the step; returns the sequences that sampled and their new tokens."""
+    def execute(self, out: SchedulerOutput) -> tuple[list, list[int], list | None]:
+        """Runs the step; returns the sequences that sampled, their new tokens and, when any of
+        them asked, their tokens' log-probabilities (sampler.sample)."""
         step = self.host_inputs(out)
         if self.graphs is not None and self.graphs.can_run(step):
             logits, greedy = self.graphs.run(step)
             if not step.sample_seqs:
-                return [], []
-            return step.sample_seqs, sample(logits, step.sample_seqs, greedy)
+                return [], [], None
+            return step.sample_seqs, *sample(logits, step.sample_seqs, greedy)
         input_ids, positions, meta, logits_rows, sample_seqs = self._device_inputs(step)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         if not sample_seqs:
-            return [], []
+            return [], [], None
         rows = self._to_device(logits_rows, torch.long)
         logits = self.model.compute_logits(hidden[rows])
-        return sample_seqs, sample(logits, sample_seqs)
+        return sample_seqs, *sample(logits, sample_seqs)

@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probability of a sampled token and of the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """One streamed delta of a request; the last one has ``finished`` set."""
 
@@ -17,6 +26,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when asked for
 
 
 @dataclass(slots=True)

@@ -1,15 +1,20 @@
-"""Turns last-position logits into next tokens: greedy, temperature, top-k, top-p, seeded."""
+"""Turns last-position logits into next tokens: greedy, temperature, top-k, top-p, seeded; and,
+for the requests that ask, the log-probabilities of the sampled and the most likely tokens."""
 
 from __future__ import annotations
 
 import torch
 
+from kvmesh.worker.engine.outputs import TokenLogprobs
 from kvmesh.worker.engine.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None
+) -> tuple[list[int], list[TokenLogprobs | None] | None]:
     """``logits [S, V]`` (float32), one row per sequence; ``greedy`` is their argmax when the
-    caller already has it (a decode CUDA graph computes it)."""
+    caller already has it (a decode CUDA graph computes it). Returns the tokens and, when any
+    sequence asked for them, one ``TokenLogprobs`` (or None) per row."""
     tokens = (logits.argmax(dim=-1) if greedy is None else greedy).tolist()
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -31,4 +36,27 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | No
         if gen is not None and gen.device != probs.device:
             probs = probs.cpu()
         tokens[row] = int(torch.multinomial(probs, 1, generator=gen).item())
-    return tokens
+    return tokens, logprobs(logits, seqs, tokens)
+
+
+def logprobs(
+    logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
+) -> list[TokenLogprobs | None] | None:
+    """Log-probabilities from the model's raw distribution (before temperature, top-k, top-p), as
+    vLLM reports them by default; one batched pass over the rows that asked."""
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    if not rows:
+        return None
+    index = torch.tensor(rows, device=logits.device)
+    lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
+    sampled = lp.gather(1, chosen[:, None])[:, 0].tolist()
+    k = max(seqs[i].params.logprobs or 0 for i in rows)
+    top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out: list[TokenLogprobs | None] = [None] * len(seqs)
+    for j, i in enumerate(rows):
+        n = seqs[i].params.logprobs or 0
+        top = list(zip(top_ids[j][:n], top_values[j][:n]))
+        out[i] = TokenLogprobs(token_id=tokens[i], logprob=sampled[j], top=top)
+    return out

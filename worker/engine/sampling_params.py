@@ -8,6 +8,7 @@ from kvmesh.worker.engine.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_LOGPROBS = 20
 
 
 @dataclass(slots=True)
@@ -20,6 +21,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # set: return the sampled token's logprob and this many top ones
 
     @property
     def greedy(self) -> bool:
@@ -36,6 +38,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k > vocab_size:
             raise InvalidRequest(f"top_k {self.top_k} exceeds the vocabulary size {vocab_size}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         for s in self.stop:
