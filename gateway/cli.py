@@ -14,6 +14,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50050, help="gRPC port (default 50050; 0 picks one)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument(
+        "--http-port", type=int, default=None,
+        help="OpenAI-compatible HTTP API on this port (default: off; 0 picks one)",
+    )  # fmt: skip
     parser.add_argument("--deployment", default="default", help="deployment whose workers to route to")
     parser.add_argument(
         "--redis-url",
@@ -53,6 +57,7 @@ def options_from_args(args: argparse.Namespace):
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         deployment=args.deployment,
         redis_url=args.redis_url,
         workers=list(args.worker),

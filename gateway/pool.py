@@ -19,18 +19,11 @@ import grpc
 
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.router import Candidate
-from kvmesh.rpc import KEEPALIVE_TIME_MS
+from kvmesh.rpc import CHANNEL_OPTIONS
 from kvmesh.store import MetadataStore, RoutingView, StoreError, WorkerInfo
 from kvmesh.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
 @dataclass(slots=True)
@@ -94,11 +87,12 @@ class WorkerPool:
     def _recently_known(self) -> bool:
         return bool(self.known) and time.monotonic() - self._known_at < self.empty_grace_s
 
-    def candidates(self, view: RoutingView, exclude: set[str]) -> list[Candidate]:
+    def candidates(self, view: RoutingView, exclude: set[str], model: str = "") -> list[Candidate]:
+        """The workers a request may go to: of ``model`` (any when empty), not excluded, not down."""
         now = time.monotonic()
         out = []
         for info in view.workers:
-            if info.worker_id in exclude:
+            if info.worker_id in exclude or (model and info.model != model):
                 continue
             conn = self.conn(info)
             if conn.down_until > now:
@@ -146,15 +140,23 @@ class WorkerPool:
             return
         self._spawn(self._record(worker_id, list(hashes)))
 
-    async def any_conn(self, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerConn | None:
-        """A live worker, fewest in flight first, for Tokenize and ListModels. Uses the worker list
-        of the last routing decision when it is fresh, so tokenizing costs no store read."""
+    async def workers(self) -> list[WorkerInfo]:
+        """The live workers; the list of the last routing decision when it is fresh, so asking
+        costs no store read on a busy gateway."""
         if self.known and time.monotonic() - self._known_at < 1.0:
-            workers = self.known
-        else:
-            workers = (await self.view([])).workers
+            return self.known
+        return (await self.view([])).workers
+
+    async def any_conn(
+        self, exclude: set[str] | frozenset[str] = frozenset(), model: str = ""
+    ) -> WorkerConn | None:
+        """A live worker of ``model`` (any when empty), fewest in flight first, for Tokenize and
+        ListModels."""
+        workers = await self.workers()
         now = time.monotonic()
-        conns = [self.conn(w) for w in workers if w.worker_id not in exclude]
+        conns = [
+            self.conn(w) for w in workers if w.worker_id not in exclude and (not model or w.model == model)
+        ]
         conns = [c for c in conns if c.down_until <= now]
         if not conns:
             return None

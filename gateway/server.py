@@ -1,41 +1,34 @@
-"""The gateway's gRPC server: ``kvmesh.v1.Inference`` in front of a pool of workers.
-
-A request's path: tokenize once (``tokenizer``), hash the prompt's blocks (``kvmesh.prefix``),
-read the store once (``pool.view``), choose a worker (``router``), forward the token ids and pass
-the stream through. A failure before the first response is retried on another worker; after it,
-the worker's status reaches the client unchanged. The client's deadline (clamped) travels to the
-worker, and a client cancel cancels the worker's call, which aborts the sequence there.
+"""The gateway process: the gRPC front (``kvmesh.v1.Inference``) and, with ``http_port``, the
+OpenAI HTTP front (gateway/http_server.py), both over one protocol-free core (gateway/core.py) that
+tokenizes, routes and forwards to the workers of one or more deployments.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from kvmesh.gateway.core import GatewayCore
 from kvmesh.gateway.discovery import WorkerWatcher
+from kvmesh.gateway.http_server import make_http_server
 from kvmesh.gateway.metrics import GatewayMetrics
+from kvmesh.gateway.models import ModelDirectory
 from kvmesh.gateway.pool import WorkerPool
 from kvmesh.gateway.router import Router
-from kvmesh.gateway.tokenizer import InvalidPrompt, LocalTokenizer, WorkerTokenizer
-from kvmesh.prefix import block_hashes
-from kvmesh.rpc import SERVER_OPTIONS
+from kvmesh.gateway.tokenizer import LocalTokenizer, WorkerTokenizer
+from kvmesh.requests import RequestError
+from kvmesh.rpc import RpcServer
 from kvmesh.store import InProcessStore, MetadataStore, StoreError
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("kvmesh.gateway.server")
-
-SERVICES = ("", "kvmesh.v1.Inference")
-# Worth another worker when nothing was streamed yet: the worker is gone, full or draining.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN}
 
 
 @dataclass(slots=True)
@@ -43,7 +36,8 @@ class GatewayOptions:
     host: str = "127.0.0.1"
     port: int = 50050
     metrics_port: int = 0
-    deployment: str = "default"
+    deployment: str = "default"  # comma-separated: one gateway routes to several deployments
+    http_port: int | None = None  # OpenAI-compatible HTTP API; None: off, 0: any free port
     redis_url: str = ""  # empty: in-process store fed from `workers`
     workers: list[str] = field(default_factory=list)  # static worker addresses (in-process store)
     tokenizer: str = "worker"  # "worker", "default" or a model path
@@ -57,125 +51,43 @@ class GatewayOptions:
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    """The gRPC front: translates the core's refusals into statuses and its route into headers."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        gw = self.gw
-        if gw.draining:
-            await gw.abort(context, grpc.StatusCode.UNAVAILABLE, "the gateway is draining")
-        remaining = context.time_remaining()
-        budget = gw.options.max_timeout_s if remaining is None else min(remaining, gw.options.max_timeout_s)
-        deadline = time.monotonic() + budget
+        generation = self.core.generate(request, context.time_remaining())
         try:
-            ids = await gw.tokenizer.encode(request, timeout_s=budget)
-        except InvalidPrompt as e:
-            await gw.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ConnectionError as e:
-            await gw.abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
-        model, block_size = await gw.model_info()
-        if not model:
-            await gw.abort(context, grpc.StatusCode.UNAVAILABLE, "no worker is registered")
-
-        forward = inference_pb2.GenerateRequest()
-        forward.CopyFrom(request)
-        forward.token_ids.ids[:] = ids  # the oneof now carries token ids: workers never re-tokenize
-        forward.request_id = request.request_id or uuid.uuid4().hex
-
-        t0 = time.perf_counter()
-        hashes = block_hashes(ids, block_size, model=model, cache_salt=request.cache_salt)
-        hash_s = time.perf_counter() - t0
-        excluded: set[str] = set()
-        last_error = "no worker is available"
-        for attempt in range(1, gw.options.max_attempts + 1):
-            t1 = time.perf_counter()
-            view = await gw.pool.view(hashes)
-            candidates = gw.pool.candidates(view, excluded)
-            decision = gw.router.choose(candidates, hashes)
-            route_s = hash_s + time.perf_counter() - t1
-            gw.metrics.routing_latency.observe(route_s)
-            gw.metrics.decisions.labels(gw.router.policy, decision.outcome.value).inc()
-            if decision.worker_id is None:
-                if candidates:
-                    await gw.abort(
-                        context, grpc.StatusCode.RESOURCE_EXHAUSTED, "every worker is at its in-flight limit"
-                    )
-                await gw.abort(context, grpc.StatusCode.UNAVAILABLE, last_error)
-            matched_tokens = decision.matched_blocks * block_size
-            gw.metrics.matched_tokens.observe(matched_tokens)
-            conn = gw.pool.conns[decision.worker_id]
-            gw.pool.record_route(conn.worker_id, hashes)
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                await gw.abort(
-                    context, grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before routing"
-                )
-            gw.pool.begin(conn)
-            call = conn.stub.Generate(forward, timeout=timeout)
-            streamed = False
-            try:
-                async for response in call:
-                    if not streamed:
-                        streamed = True
-                        await context.send_initial_metadata(
-                            (
-                                ("kvmesh-worker", conn.worker_id),
-                                ("kvmesh-route-us", str(int(route_s * 1e6))),
-                                ("kvmesh-matched-tokens", str(matched_tokens)),
-                                ("kvmesh-route-outcome", decision.outcome.value),
-                                ("kvmesh-attempts", str(attempt)),
-                            )
-                        )
-                    if response.usage.prompt_tokens:  # the final message
-                        gw.observe_prediction(
-                            matched_tokens, len(ids), block_size, response.usage.cached_tokens
-                        )
-                    yield response
-                gw.metrics.requests.labels("OK").inc()
-                return
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
-                if streamed or code not in RETRYABLE:
-                    await gw.abort(context, code, e.details() or code.name)
-                last_error = f"worker {conn.worker_id} failed: {code.name} {e.details()}"
-                log.info("Retrying on another worker request_id=%s %s", forward.request_id, last_error)
-                gw.metrics.retries.labels(code.name).inc()
-                if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    gw.pool.mark_down(conn)
-                excluded.add(conn.worker_id)
-            finally:
-                gw.pool.end(conn)
-                if not call.done():
-                    call.cancel()  # client cancel or deadline: the worker aborts the sequence
-        await gw.abort(context, grpc.StatusCode.UNAVAILABLE, last_error)
+            first = True
+            async for response in generation:
+                if first:
+                    first = False
+                    await context.send_initial_metadata(tuple(generation.headers.items()))
+                yield response
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        finally:
+            await generation.aclose()  # client cancel or deadline: the worker call is cancelled
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        return await self._forward_unary(context, lambda stub, t: stub.Tokenize(request, timeout=t))
+        try:
+            ids = await self.core.tokenize(request, context.time_remaining())
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        return inference_pb2.TokenizeResponse(token_ids=ids)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
-        return await self._forward_unary(context, lambda stub, t: stub.ListModels(request, timeout=t))
-
-    async def _forward_unary(self, context: grpc.aio.ServicerContext, call):
-        remaining = context.time_remaining()
-        timeout = 10.0 if remaining is None else min(remaining, 10.0)
-        tried: set[str] = set()
-        while True:
-            conn = await self.gw.pool.any_conn(tried)
-            if conn is None:
-                await self.gw.abort(context, grpc.StatusCode.UNAVAILABLE, "no worker is available")
-            try:
-                return await call(conn.stub, timeout)
-            except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or len(tried) >= 2:
-                    await self.gw.abort(context, e.code(), e.details() or e.code().name)
-                self.gw.pool.mark_down(conn)
-                tried.add(conn.worker_id)
+        models = await self.core.models()
+        if not models:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is registered")
+        return inference_pb2.ListModelsResponse(models=models)
 
 
 class Gateway:
@@ -184,112 +96,87 @@ class Gateway:
     def __init__(self, options: GatewayOptions, store: MetadataStore | None = None) -> None:
         self.options = options
         self.metrics = GatewayMetrics()
-        if store is None:
-            store = _make_store(options)
-        self.store = store
-        self.pool = WorkerPool(
-            store, self.metrics, max_inflight=options.max_inflight, local_load_only=not options.redis_url
-        )
+        deployments = [d.strip() for d in options.deployment.split(",") if d.strip()] or ["default"]
+        stores = [store] if store is not None else [_make_store(options, d) for d in deployments]
+        if not options.redis_url:
+            stores = stores[:1]  # one in-process store holds every watched worker, whatever its model
+        self.stores: list[MetadataStore] = stores
+        self.pools = [
+            WorkerPool(
+                s, self.metrics, max_inflight=options.max_inflight, local_load_only=not options.redis_url
+            )
+            for s in stores
+        ]
+        self.store, self.pool = self.stores[0], self.pools[0]
         self.router = Router(options.policy, load_factor=options.load_factor, key_blocks=options.key_blocks)
-        if options.tokenizer == "worker":
-            self.tokenizer: WorkerTokenizer | LocalTokenizer = WorkerTokenizer(self.pool)
-        else:
-            self.tokenizer = LocalTokenizer(options.tokenizer)
+        tokenizer = WorkerTokenizer() if options.tokenizer == "worker" else LocalTokenizer(options.tokenizer)
+        self.core = GatewayCore(
+            ModelDirectory(self.pools), self.router, tokenizer, self.metrics,
+            max_attempts=options.max_attempts, max_timeout_s=options.max_timeout_s,
+        )  # fmt: skip
         self.watcher = (
-            WorkerWatcher(store, options.workers) if options.workers and not options.redis_url else None
+            WorkerWatcher(self.store, options.workers) if options.workers and not options.redis_url else None
         )
-        self.health = health.aio.HealthServicer()
-        self.server: grpc.aio.Server | None = None
+        self.rpc = RpcServer(
+            ["kvmesh.v1.Inference"],
+            [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(self.core), s)],
+        )
+        self.http = make_http_server(self.core) if options.http_port is not None else None
         self.address = ""
+        self.http_port = 0
         self.metrics_port = 0
-        self.draining = False
 
-    async def abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-        self.metrics.requests.labels(code.name).inc()
-        await context.abort(code, message)
-
-    def observe_prediction(self, matched_tokens: int, prompt_len: int, block_size: int, cached: int) -> None:
-        """Index accuracy: the prefix the gateway expected on the worker vs what the worker reused
-        (capped like the worker, which always computes the last prompt token)."""
-        expected = min(matched_tokens, (prompt_len - 1) // block_size * block_size)
-        self.metrics.expected_cached.inc(expected)
-        self.metrics.actual_cached.inc(cached)
-        if cached < expected:
-            self.metrics.overestimates.inc()
-
-    async def model_info(self) -> tuple[str, int]:
-        """(served model name, block size) of the deployment, from the registry."""
-        workers = self.pool.known
-        if not workers:
-            try:
-                workers = await self.store.list_workers()
-            except StoreError:
-                workers = []
-        if not workers:
-            return "", 0
-        return workers[0].model, workers[0].block_size
+    @property
+    def draining(self) -> bool:
+        return self.core.draining
 
     async def start(self) -> str:
-        for service in SERVICES:
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(self), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [
-            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ]
-        reflection.enable_server_reflection(names, server)
-        host = self.options.host
-        bind = f"[{host}]:{self.options.port}" if ":" in host else f"{host}:{self.options.port}"
-        port = server.add_insecure_port(bind)
-        await server.start()
-        self.server = server
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.address = await self.rpc.start(self.options.host, self.options.port)
+        if self.http is not None:
+            self.http_port = await self.http.start(self.options.host, self.options.http_port or 0)
         if self.options.metrics_port:
-            self.metrics_port = self.metrics.serve(host, self.options.metrics_port)
+            self.metrics_port = self.metrics.serve(self.options.host, self.options.metrics_port)
         if self.watcher is not None:
             self.watcher.start()
-        for service in SERVICES:
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.rpc.set_serving(True)
         log.info(
-            "Gateway serving address=%s policy=%s store=%s metrics_port=%d",
-            self.address, self.options.policy, "redis" if self.options.redis_url else "in-process",
-            self.metrics_port,
+            "Gateway serving address=%s http_port=%d policy=%s store=%s deployments=%s metrics_port=%d",
+            self.address, self.http_port, self.options.policy,
+            "redis" if self.options.redis_url else "in-process", self.options.deployment, self.metrics_port,
         )  # fmt: skip
         return self.address
 
     async def wait_for_workers(self, n: int, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                count = len(await self.store.list_workers())
-            except StoreError:
-                count = 0
+            count = 0
+            for store in self.stores:
+                with contextlib.suppress(StoreError):
+                    count += len(await store.list_workers())
             if count >= n or time.monotonic() > deadline:
                 return count
             await asyncio.sleep(0.1)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first, refuse new work, let streams finish within the grace period."""
-        self.draining = True
-        for service in SERVICES:
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.server is not None:
-            await self.server.stop(self.options.shutdown_grace if grace is None else grace)
+        self.core.draining = True
+        await self.rpc.stop(self.options.shutdown_grace if grace is None else grace)
+        if self.http is not None:
+            await self.http.stop()
         if self.watcher is not None:
             await self.watcher.close()
-        await self.pool.close()
-        await self.store.close()
+        for pool in self.pools:
+            await pool.close()
+        for store in self.stores:
+            await store.close()
         self.metrics.close()
 
 
-def _make_store(options: GatewayOptions) -> MetadataStore:
+def _make_store(options: GatewayOptions, deployment: str) -> MetadataStore:
     if options.redis_url:
         from kvmesh.store.redis_store import RedisStore
 
-        return RedisStore(options.redis_url, options.deployment)
+        return RedisStore(options.redis_url, deployment)
     return InProcessStore()
 
 
@@ -298,7 +185,7 @@ async def serve(options: GatewayOptions) -> int:
     gateway = Gateway(options)
     try:
         await gateway.start()
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         log.error("Failed to start the gateway error=%s", e)
         return 1
     stop = asyncio.Event()

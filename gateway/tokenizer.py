@@ -8,7 +8,9 @@ Two ways, one answer:
   routing, llm-d-kv-cache#211). The gateway stays free of torch and model files, which matters in
   Kubernetes, where its pod has neither. Cost: one loopback/cluster RPC, before routing.
 - ``LocalTokenizer`` (``--tokenizer PATH|default``): loads the same tokenizer with transformers in
-  the gateway, saving that RPC at the price of importing transformers.
+  the gateway, saving that RPC at the price of importing transformers (one model only).
+
+Both check the prompt with ``kvmesh.requests``, the checks the worker runs too.
 """
 
 from __future__ import annotations
@@ -19,45 +21,24 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from kvmesh.models import chat_token_ids, default_gguf_path
+from kvmesh.requests import RequestError, invalid, prompt_kind, prompt_token_ids
 from kvmesh.v1 import inference_pb2
 
 if TYPE_CHECKING:
-    from kvmesh.gateway.pool import WorkerPool
-
-
-class InvalidPrompt(ValueError):
-    """Bad input: the gateway answers INVALID_ARGUMENT with this message."""
-
-
-def prompt_kind(request: inference_pb2.GenerateRequest) -> str:
-    kind = request.WhichOneof("input")
-    if kind is None:
-        raise InvalidPrompt("the request has no input: set text, chat or token_ids")
-    if kind == "text" and not request.text:
-        raise InvalidPrompt("the prompt is empty")
-    if kind == "token_ids" and not request.token_ids.ids:
-        raise InvalidPrompt("the prompt is empty")
-    if kind == "chat":
-        if not request.chat.messages:
-            raise InvalidPrompt("chat has no messages")
-        if any(not m.role for m in request.chat.messages):
-            raise InvalidPrompt("every chat message needs a role")
-    return kind
+    from kvmesh.gateway.models import ModelTarget
 
 
 class WorkerTokenizer:
-    """Tokenizes through a worker's ``Tokenize``, trying another worker when one is unreachable."""
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
+    """Tokenizes through the ``Tokenize`` of a worker serving the request's model, trying another
+    worker when one is unreachable."""
 
     async def encode(
-        self, request: inference_pb2.GenerateRequest, timeout_s: float | None = None
+        self, request: inference_pb2.GenerateRequest, target: ModelTarget, timeout_s: float | None = None
     ) -> list[int]:
         kind = prompt_kind(request)
         if kind == "token_ids":
             return list(request.token_ids.ids)
-        tok = inference_pb2.TokenizeRequest(model=request.model)
+        tok = inference_pb2.TokenizeRequest(model=target.name)
         if kind == "text":
             tok.text = request.text
         else:
@@ -65,23 +46,23 @@ class WorkerTokenizer:
         tried: set[str] = set()
         last = "no worker is registered"
         for _ in range(3):
-            conn = await self.pool.any_conn(tried)
+            conn = await target.pool.any_conn(tried, target.name)
             if conn is None:
                 break
             try:
                 return list((await conn.stub.Tokenize(tok, timeout=min(timeout_s or 10.0, 10.0))).token_ids)
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidPrompt(e.details() or "invalid prompt") from e
+                if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                    raise RequestError(e.code(), e.details() or "invalid prompt") from e
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    self.pool.mark_down(conn)
+                    target.pool.mark_down(conn)
                 tried.add(conn.worker_id)
                 last = f"worker {conn.worker_id}: {e.code().name} {e.details()}"
-        raise ConnectionError(f"no worker could tokenize the prompt ({last})")
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no worker could tokenize the prompt ({last})")
 
 
 class LocalTokenizer:
-    """The model's tokenizer and chat template, loaded with transformers in the gateway."""
+    """The model's tokenizer and chat template, loaded with transformers in the gateway (one model)."""
 
     def __init__(self, model: str) -> None:
         from transformers import AutoTokenizer  # heavy: only when asked for
@@ -90,21 +71,22 @@ class LocalTokenizer:
         kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
         self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
 
-    async def encode(
-        self, request: inference_pb2.GenerateRequest, timeout_s: float | None = None
-    ) -> list[int]:
-        kind = prompt_kind(request)
-        if kind == "token_ids":
-            return list(request.token_ids.ids)
-        if kind == "text":
-            return list(self.tokenizer(request.text).input_ids)
-        chat = request.chat
-        add_gen = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         try:
-            return chat_token_ids(self.tokenizer, messages, add_gen)
+            return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
         except ValueError as e:
-            raise InvalidPrompt(str(e)) from e
+            raise invalid(str(e)) from e
+
+    async def encode(
+        self,
+        request: inference_pb2.GenerateRequest,
+        target: ModelTarget | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:
+        return prompt_token_ids(self, request)
 
 
 def resolve_tokenizer_source(model: str) -> tuple[str, str | None]:

@@ -41,6 +41,7 @@ class ParsedRequest:
     logprobs: int | None = None  # top alternatives per token; None: no logprobs
     echo: bool = False
     chat: bool = False
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
 
 
 def _get(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
@@ -119,6 +120,7 @@ def _base(body: Any) -> tuple[str, int, str, int]:
 
 
 def _stream_options(body: dict[str, Any], parsed: ParsedRequest) -> None:
+    parsed.tokens_as_ids = bool(_get(body, "return_tokens_as_token_ids", bool, False))
     parsed.stream = bool(_get(body, "stream", bool, False))
     options = _get(body, "stream_options", dict, {})
     if options and not parsed.stream:

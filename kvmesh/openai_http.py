@@ -39,7 +39,7 @@ class Backend(Protocol):
 
     async def models(self) -> list[pb.ModelInfo]: ...
 
-    def ready(self) -> bool: ...
+    async def ready(self) -> bool: ...
 
 
 def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -112,7 +112,7 @@ class OpenAIServer:
         return json_response(200, {"status": "ok"})
 
     async def readiness(self, request: web.Request) -> web.Response:
-        if self.backend.ready():
+        if await self.backend.ready():
             return json_response(200, {"status": "ready"})
         return error_response(503, "service_unavailable_error", "not ready")
 

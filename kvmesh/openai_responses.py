@@ -58,6 +58,13 @@ def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8"))
 
 
+def _as_ids(e: pb.TokenLogprob) -> pb.TokenLogprob:
+    out = pb.TokenLogprob(token_id=e.token_id, logprob=e.logprob, token=f"token_id:{e.token_id}")
+    for t in e.top:
+        out.top.add(token_id=t.token_id, logprob=t.logprob, token=f"token_id:{t.token_id}")
+    return out
+
+
 @dataclass(slots=True)
 class ChoiceState:
     """What one choice has produced so far (the whole text for non-streamed answers)."""
@@ -87,12 +94,14 @@ class Formatter:
     def logprobs(self, entries: list[pb.TokenLogprob], text_offset: int = 0) -> dict[str, Any] | None:
         if self.parsed.logprobs is None:
             return None
-        if self.parsed.chat:
-            return {"content": [self._chat_entry(e) for e in entries]}
         offsets, pos = [], text_offset
         for e in entries:
             offsets.append(pos)
             pos += len(e.token)
+        if self.parsed.tokens_as_ids:
+            entries = [_as_ids(e) for e in entries]
+        if self.parsed.chat:
+            return {"content": [self._chat_entry(e) for e in entries]}
         return {
             "tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],

@@ -30,7 +30,7 @@ class WorkerBackend:
     async def models(self) -> list[inference_pb2.ModelInfo]:
         return generation.list_models(self.state)
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         return self.state.engine is not None and not self.state.draining
 
 

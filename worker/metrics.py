@@ -10,6 +10,7 @@ observed by the gRPC server as requests finish.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from prometheus_client.registry import Collector
 logger = logging.getLogger("kvmesh.worker.metrics")
 
 PREFIX = "kvmesh:"
+VLLM_PREFIX = "vllm:"  # names other tools read (worker/metrics.py inference_extension_metrics)
 LABELS = ["model_name"]
 
 # Buckets close to vLLM's, covering CPU test runs (slow) through GPU serving (fast).
@@ -88,6 +90,34 @@ class EngineCollector(Collector):
             family = CounterMetricFamily(PREFIX + name, doc, labels=LABELS)
             family.add_metric(model, float(value))
             yield family
+        yield from inference_extension_metrics(engine.model_name, load)
+
+
+def inference_extension_metrics(model_name: str, load: Any) -> Iterator[Metric]:
+    """The names the Gateway API Inference Extension's endpoint picker scrapes (its model-server
+    protocol names vLLM's): queue length, running requests, KV-cache utilization (under both the
+    current and the older vLLM name), cache geometry and LoRA state (none served: empty lists)."""
+    for name, doc, value in (
+        ("num_requests_waiting", "Requests waiting to be scheduled (TotalQueuedRequests).", load.waiting),
+        ("num_requests_running", "Requests in the running batch (TotalRunningRequests).", load.running),
+        ("kv_cache_usage_perc", "KV-cache utilization, 0..1 (KVCacheUtilization).", load.kv_usage),
+        ("gpu_cache_usage_perc", "KV-cache utilization, 0..1 (older vLLM name).", load.kv_usage),
+    ):
+        family = GaugeMetricFamily(VLLM_PREFIX + name, doc, labels=LABELS)
+        family.add_metric([model_name], float(value))
+        yield family
+    info = GaugeMetricFamily(
+        VLLM_PREFIX + "cache_config_info", "KV-cache geometry (BlockSize, NumGPUBlocks).",
+        labels=["block_size", "num_gpu_blocks"],
+    )  # fmt: skip
+    info.add_metric([str(load.block_size), str(load.num_blocks)], 1.0)
+    yield info
+    lora = GaugeMetricFamily(
+        VLLM_PREFIX + "lora_requests_info", "LoRA adapters running and waiting (none: kvmesh serves none).",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )  # fmt: skip
+    lora.add_metric(["0", "", ""], time.time())
+    yield lora
 
 
 class WorkerMetrics:

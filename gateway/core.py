@@ -1,0 +1,253 @@
+"""The gateway's protocol-free core: one routing-and-forwarding path that the gRPC front
+(gateway/server.py) and the OpenAI HTTP front (gateway/http_server.py) both call.
+
+A request's path, one step per function: the deadline (``Deadline``), the model (``ModelDirectory``),
+token ids (``tokenizer``), the prompt's block hashes (``kvmesh.prefix``), a worker (``_pick``: one
+store read, the router's choice), the forwarded stream (``_forward``). A failure before the first
+response is retried on another worker; after it, the worker's status reaches the client unchanged.
+The deadline (clamped) travels to the worker, and closing the stream cancels the worker's call, which
+aborts the sequence there. Refusals are ``RequestError``; each front renders them its own way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from kvmesh.gateway.metrics import GatewayMetrics
+from kvmesh.gateway.models import ModelDirectory, ModelTarget
+from kvmesh.gateway.pool import WorkerConn
+from kvmesh.gateway.router import Decision, Router
+from kvmesh.gateway.tokenizer import LocalTokenizer, WorkerTokenizer
+from kvmesh.prefix import block_hashes
+from kvmesh.requests import RequestError, check_sampling
+from kvmesh.v1 import inference_pb2
+
+log = logging.getLogger("kvmesh.gateway.core")
+
+# Worth another worker when nothing was streamed yet: the worker is gone, full or draining.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN}
+
+
+class Deadline:
+    """The client's deadline clamped to the gateway's maximum; ``None`` means no client deadline."""
+
+    def __init__(self, remaining_s: float | None, max_s: float) -> None:
+        self.budget = max_s if remaining_s is None else min(remaining_s, max_s)
+        self.at = time.monotonic() + self.budget
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a request went and why; the fronts send it as response headers."""
+
+    worker_id: str
+    route_us: int
+    matched_tokens: int
+    outcome: str
+    attempts: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "kvmesh-worker": self.worker_id,
+            "kvmesh-route-us": str(self.route_us),
+            "kvmesh-matched-tokens": str(self.matched_tokens),
+            "kvmesh-route-outcome": self.outcome,
+            "kvmesh-attempts": str(self.attempts),
+        }
+
+
+class Generation:
+    """One forwarded generation: an async iterator of ``GenerateResponse``; ``route`` and
+    ``headers`` are set once the first response has arrived. Closing it cancels the worker call."""
+
+    def __init__(self, core: GatewayCore, request: inference_pb2.GenerateRequest, deadline: Deadline) -> None:
+        self.route: Route | None = None
+        self.headers: dict[str, str] = {}
+        self._stream = core._run(self, request, deadline)
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> inference_pb2.GenerateResponse:
+        return await anext(self._stream)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class GatewayCore:
+    def __init__(
+        self,
+        directory: ModelDirectory,
+        router: Router,
+        tokenizer: WorkerTokenizer | LocalTokenizer,
+        metrics: GatewayMetrics,
+        max_attempts: int = 3,
+        max_timeout_s: float = 600.0,
+    ) -> None:
+        self.directory = directory
+        self.router = router
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.max_timeout_s = max_timeout_s
+        self.draining = False
+        self._model_infos: dict[str, tuple[float, inference_pb2.ModelInfo]] = {}
+
+    def generate(self, request: inference_pb2.GenerateRequest, timeout_s: float | None = None) -> Generation:
+        return Generation(self, request, Deadline(timeout_s, self.max_timeout_s))
+
+    async def _run(
+        self, generation: Generation, request: inference_pb2.GenerateRequest, deadline: Deadline
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        try:
+            if self.draining:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the gateway is draining")
+            check_sampling(request.sampling)
+            target = await self.directory.resolve(request.model)
+            ids = await self.tokenizer.encode(request, target, timeout_s=deadline.budget)
+            forward = inference_pb2.GenerateRequest()
+            forward.CopyFrom(request)
+            forward.model = target.name
+            forward.token_ids.ids[:] = ids  # the oneof now carries token ids: workers never re-tokenize
+            forward.request_id = request.request_id or uuid.uuid4().hex
+            async for response in self._forward(generation, forward, target, deadline):
+                yield response
+        except RequestError as e:
+            self.metrics.requests.labels(e.code.name).inc()
+            raise
+        self.metrics.requests.labels("OK").inc()
+
+    async def _forward(
+        self,
+        generation: Generation,
+        forward: inference_pb2.GenerateRequest,
+        target: ModelTarget,
+        deadline: Deadline,
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        t0 = time.perf_counter()
+        bs = target.block_size
+        hashes = block_hashes(forward.token_ids.ids, bs, model=target.name, cache_salt=forward.cache_salt)
+        hash_s = time.perf_counter() - t0
+        excluded: set[str] = set()
+        last_error = "no worker is available"
+        for attempt in range(1, self.max_attempts + 1):
+            t1 = time.perf_counter()
+            conn, decision = await self._pick(target, hashes, excluded, last_error)
+            route_s = hash_s + time.perf_counter() - t1
+            self.metrics.routing_latency.observe(route_s)
+            matched_tokens = decision.matched_blocks * bs
+            self.metrics.matched_tokens.observe(matched_tokens)
+            target.pool.record_route(conn.worker_id, hashes)
+            timeout = deadline.left()
+            if timeout <= 0:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before routing")
+            route = Route(conn.worker_id, int(route_s * 1e6), matched_tokens, decision.outcome.value, attempt)
+            target.pool.begin(conn)
+            call = conn.stub.Generate(forward, timeout=timeout)
+            streamed = False
+            try:
+                async for response in call:
+                    if not streamed:
+                        streamed = True
+                        generation.route, generation.headers = route, route.headers()
+                    if response.finish_reason:
+                        self._observe_prediction(matched_tokens, len(forward.token_ids.ids), bs, response)
+                    yield response
+                return
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if streamed or code not in RETRYABLE:
+                    raise RequestError(code, e.details() or code.name) from e
+                last_error = f"worker {conn.worker_id} failed: {code.name} {e.details()}"
+                log.info("Retrying on another worker request_id=%s %s", forward.request_id, last_error)
+                self.metrics.retries.labels(code.name).inc()
+                if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    target.pool.mark_down(conn)
+                excluded.add(conn.worker_id)
+            finally:
+                target.pool.end(conn)
+                if not call.done():
+                    call.cancel()  # client cancel or deadline: the worker aborts the sequence
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, last_error)
+
+    async def _pick(
+        self, target: ModelTarget, hashes: list[int], excluded: set[str], last_error: str
+    ) -> tuple[WorkerConn, Decision]:
+        """One store read, then the router's choice among the model's workers."""
+        view = await target.pool.view(hashes)
+        candidates = target.pool.candidates(view, excluded, target.name)
+        decision = self.router.choose(candidates, hashes)
+        self.metrics.decisions.labels(self.router.policy, decision.outcome.value).inc()
+        if decision.worker_id is None:
+            if candidates:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "every worker is at its in-flight limit"
+                )
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, last_error)
+        return target.pool.conns[decision.worker_id], decision
+
+    def _observe_prediction(
+        self, matched_tokens: int, prompt_len: int, block_size: int, final: inference_pb2.GenerateResponse
+    ) -> None:
+        """Index accuracy: the prefix the gateway expected on the worker vs what the worker reused
+        (capped like the worker, which always computes the last prompt token)."""
+        expected = min(matched_tokens, (prompt_len - 1) // block_size * block_size)
+        self.metrics.expected_cached.inc(expected)
+        self.metrics.actual_cached.inc(final.usage.cached_tokens)
+        if final.usage.cached_tokens < expected:
+            self.metrics.overestimates.inc()
+
+    # -- unary calls ------------------------------------------------------------------------------
+    async def tokenize(self, request: inference_pb2.TokenizeRequest, timeout_s: float | None) -> list[int]:
+        target = await self.directory.resolve(request.model)
+        forward = inference_pb2.TokenizeRequest()
+        forward.CopyFrom(request)
+        forward.model = target.name
+        response = await self._unary(target, lambda stub, t: stub.Tokenize(forward, timeout=t), timeout_s)
+        return list(response.token_ids)
+
+    async def models(self) -> list[inference_pb2.ModelInfo]:
+        """Every served model; a worker of each fills in its context length (cached for 30 s)."""
+        out = []
+        for info in await self.directory.list():
+            cached = self._model_infos.get(info.id)
+            if cached is None or time.monotonic() - cached[0] > 30.0:
+                target = await self.directory.resolve(info.id)
+                try:
+                    listed = await self._unary(
+                        target,
+                        lambda stub, t: stub.ListModels(inference_pb2.ListModelsRequest(), timeout=t),
+                        5.0,
+                    )
+                    full = next((m for m in listed.models if m.id == info.id), info)
+                except RequestError:
+                    full = info
+                cached = (time.monotonic(), full)
+                self._model_infos[info.id] = cached
+            out.append(cached[1])
+        return out
+
+    async def _unary(self, target: ModelTarget, call, timeout_s: float | None):
+        timeout = 10.0 if timeout_s is None else min(timeout_s, 10.0)
+        tried: set[str] = set()
+        while True:
+            conn = await target.pool.any_conn(tried, target.name)
+            if conn is None:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "no worker is available")
+            try:
+                return await call(conn.stub, timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or len(tried) >= 2:
+                    raise RequestError(e.code(), e.details() or e.code().name) from e
+                target.pool.mark_down(conn)
+                tried.add(conn.worker_id)
