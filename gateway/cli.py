@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from kvmesh.gateway.router import POLICIES
@@ -18,11 +19,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--http-port", type=int, default=None,
         help="OpenAI-compatible HTTP API on this port (default: off; 0 picks one)",
     )  # fmt: skip
-    parser.add_argument("--deployment", default="default", help="deployment whose workers to route to")
+    parser.add_argument(
+        "--deployment", default="default", help="[NAMESPACE/]NAME of the deployment whose workers to route to"
+    )
     parser.add_argument(
         "--redis-url",
-        default="",
-        help="shared metadata store; without it, an in-process store fed by --worker",
+        default=os.environ.get("KVMESH_REDIS_URL", ""),
+        help="shared metadata store (env KVMESH_REDIS_URL; password from env KVMESH_REDIS_PASSWORD or "
+        "KVMESH_REDIS_PASSWORD_FILE); without it, an in-process store fed by --worker",
     )
     parser.add_argument(
         "--worker", action="append", default=[], metavar="HOST:PORT",
@@ -33,9 +37,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="'worker' (ask a worker's Tokenize, default), 'default' (SmolLM2) or a model path to load here",
     )  # fmt: skip
     parser.add_argument(
-        "--policy", default="prefix", choices=POLICIES, help="routing policy (default prefix)"
+        "--policy",
+        choices=POLICIES,
+        help="routing policy (default: the deployment's spec.routing published in Redis, else prefix)",
     )
-    parser.add_argument("--load-factor", type=float, default=1.25, help="skip workers above this x mean load")
+    parser.add_argument(
+        "--load-factor",
+        type=float,
+        help="skip workers above this x mean load (default: the published spec.routing, else 1.25)",
+    )
     parser.add_argument(
         "--key-blocks", type=int, default=4, help="blocks naming a prefix for hashing (default 4)"
     )
@@ -50,9 +60,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def options_from_args(args: argparse.Namespace):
+def options_from_args(args: argparse.Namespace, published: dict[str, str] | None = None):
+    """Flags given on the command line win; then the routing settings the operator published for the
+    deployment (``published``); then GatewayOptions' defaults."""
     from kvmesh.gateway.server import GatewayOptions
 
+    routing: dict[str, object] = {}
+    published = published or {}
+    if args.policy or published.get("policy") in POLICIES:
+        routing["policy"] = args.policy or published["policy"]
+    if args.load_factor is not None:
+        routing["load_factor"] = args.load_factor
+    elif _number(published.get("load_factor")) >= 1.0:
+        routing["load_factor"] = _number(published["load_factor"])
     return GatewayOptions(
         host=args.host,
         port=args.port,
@@ -62,8 +82,7 @@ def options_from_args(args: argparse.Namespace):
         redis_url=args.redis_url,
         workers=list(args.worker),
         tokenizer=args.tokenizer,
-        policy=args.policy,
-        load_factor=args.load_factor,
+        **routing,
         key_blocks=args.key_blocks,
         max_inflight=args.max_inflight,
         max_attempts=args.max_attempts,
@@ -79,4 +98,29 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from kvmesh.gateway.server import serve
 
-    return asyncio.run(serve(options_from_args(args)))
+    published = asyncio.run(_published_routing(args)) if args.redis_url else {}
+    return asyncio.run(serve(options_from_args(args, published)))
+
+
+def _number(value: str | None) -> float:
+    try:
+        return float(value or "nan")
+    except ValueError:
+        return float("nan")
+
+
+async def _published_routing(args: argparse.Namespace) -> dict[str, str]:
+    """The deployment's spec.routing as the operator published it ({} when absent or unreachable:
+    the gateway still starts, with its defaults)."""
+    if args.policy and args.load_factor is not None:
+        return {}
+    from kvmesh.store import StoreError
+    from kvmesh.store.redis_store import RedisStore
+
+    store = RedisStore(args.redis_url, args.deployment, socket_timeout_s=2.0)
+    try:
+        return await store.routing()
+    except StoreError:
+        return {}
+    finally:
+        await store.close()

@@ -49,29 +49,28 @@ class LoadSource(Protocol):
 
 @dataclass(slots=True, frozen=True)
 class AutoscalingPolicy:
-    min_replicas: int = 1
-    max_replicas: int = 4
-    metric: str = QUEUE_DEPTH
-    target: float = 8.0
-    tolerance: float = 0.1
-    scale_up_window: float = 0.0
-    scale_down_window: float = 300.0
+    """``spec.autoscaling`` as the decision reads it; the CRD schema holds the defaults."""
+
+    min_replicas: int
+    max_replicas: int
+    metric: str
+    target: float
+    tolerance: float
+    scale_up_window: float
+    scale_down_window: float
     stale_after: float = 60.0  # a sample older than this is no evidence
 
     @classmethod
     def from_spec(cls, autoscaling: dict[str, Any]) -> AutoscalingPolicy:
         """From a defaulted ``spec.autoscaling``."""
-        target = autoscaling.get("target") or {}
         return cls(
-            min_replicas=int(autoscaling.get("minReplicas", 1)),
-            max_replicas=int(autoscaling.get("maxReplicas", 4)),
-            metric=target.get("metric", QUEUE_DEPTH),
-            target=float(target.get("value", 8.0)),
-            tolerance=float(autoscaling.get("tolerance", 0.1)),
-            scale_up_window=float((autoscaling.get("scaleUp") or {}).get("stabilizationWindowSeconds", 0)),
-            scale_down_window=float(
-                (autoscaling.get("scaleDown") or {}).get("stabilizationWindowSeconds", 300)
-            ),
+            min_replicas=int(autoscaling["minReplicas"]),
+            max_replicas=int(autoscaling["maxReplicas"]),
+            metric=autoscaling["target"]["metric"],
+            target=float(autoscaling["target"]["value"]),
+            tolerance=float(autoscaling["tolerance"]),
+            scale_up_window=float(autoscaling["scaleUp"]["stabilizationWindowSeconds"]),
+            scale_down_window=float(autoscaling["scaleDown"]["stabilizationWindowSeconds"]),
         )
 
     @property
@@ -164,38 +163,38 @@ class SampleWindow:
         self.samples.clear()
 
 
-def worker_key(deployment: str, worker_id: str) -> str:
-    return f"kvmesh:{{{deployment}}}:worker:{worker_id}"
-
-
-def workers_key(deployment: str) -> str:
-    return f"kvmesh:{{{deployment}}}:workers"
-
-
 class RedisLoadSource:
     """Reads worker load from Redis, as workers/the gateway write it.
 
-    Keys (hash-tagged per deployment): set ``kvmesh:{<deployment>}:workers`` of worker ids; hash
-    ``kvmesh:{<deployment>}:worker:<id>`` with ``running``, ``waiting``, ``kv_usage``, ``heartbeat``
-    (unix seconds), expiring by TTL. Workers whose hash is gone or whose heartbeat is older than
-    ``stale_after`` seconds are not counted.
+    The keys are the metadata store's (``kvmesh.store.redis_keys``, hash-tagged per
+    ``<namespace>/<name>``): the set of worker ids, and one hash per worker with ``running``,
+    ``waiting``, ``kv_usage`` and ``heartbeat`` (unix seconds), expiring by TTL. Workers whose hash
+    is gone or whose heartbeat is older than ``stale_after`` seconds are not counted.
     """
 
     def __init__(self, url: str, stale_after: float = 30.0, timeout: float = 2.0) -> None:
         import redis
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        from kvmesh.store.redis_keys import redis_auth
+
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, **redis_auth()
+        )
         self.stale_after = stale_after
 
     def read(self, deployment: str, now: float | None = None) -> LoadSnapshot | None:
+        """Load of ``deployment`` (``<namespace>/<name>``)."""
         import redis
 
+        from kvmesh.store.redis_keys import RedisKeys
+
+        keys = RedisKeys(deployment)
         now = time.time() if now is None else now
         try:
-            ids = sorted(m.decode() for m in self._redis.smembers(workers_key(deployment)))
+            ids = sorted(m.decode() for m in self._redis.smembers(keys.workers))
             pipe = self._redis.pipeline(transaction=False)
             for worker_id in ids:
-                pipe.hgetall(worker_key(deployment, worker_id))
+                pipe.hgetall(keys.worker(worker_id))
             hashes = pipe.execute() if ids else []
         except redis.RedisError:
             return None

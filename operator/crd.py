@@ -1,8 +1,9 @@
 """The InferenceDeployment CustomResourceDefinition, written once in Python.
 
-The chart's ``crds/`` file is generated from :func:`crd_manifest` (``python -m kvmesh.operator.crd``)
-and a unit test fails when it is stale, so the schema, its defaults and the operator's defaulting
-(:func:`apply_defaults`) share one source of truth.
+The chart's CRD file (``files/crds/``, installed and upgraded by a template) is generated from
+:func:`crd_manifest` (``python -m kvmesh.operator.crd``) and a unit test fails when it is stale, so
+the schema (``schema.py``), its defaults and the operator's defaulting (:func:`apply_defaults`)
+share one source of truth.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import copy
 import sys
 from typing import Any
+
+from kvmesh.operator.schema import SPEC, STATUS, Schema, default_object
 
 GROUP = "kvmesh.io"
 VERSION = "v1alpha1"
@@ -20,285 +23,6 @@ SHORT_NAMES = ["idep"]
 API_VERSION = f"{GROUP}/{VERSION}"
 MODEL_SCHEMES = ("hf://", "pvc://", "hostpath://")
 
-Schema = dict[str, Any]
-
-
-def _int(
-    default: int | None = None, minimum: int | None = None, maximum: int | None = None, **kw: Any
-) -> Schema:
-    out: Schema = {"type": "integer", **kw}
-    if minimum is not None:
-        out["minimum"] = minimum
-    if maximum is not None:
-        out["maximum"] = maximum
-    if default is not None:
-        out["default"] = default
-    return out
-
-
-def _num(default: float, minimum: float, maximum: float | None = None, **kw: Any) -> Schema:
-    out: Schema = {"type": "number", "minimum": minimum, "default": default, **kw}
-    if maximum is not None:
-        out["maximum"] = maximum
-    return out
-
-
-def _str(description: str, max_length: int = 253, **kw: Any) -> Schema:
-    return {"type": "string", "maxLength": max_length, "description": description, **kw}
-
-
-_STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
-_FREE_LIST: Schema = {
-    "type": "array",
-    "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-}
-
-_MODEL: Schema = {
-    "type": "object",
-    "description": "Where the weights come from.",
-    "required": ["source"],
-    "properties": {
-        "source": _str(
-            "hf://<org>/<repo> (downloaded by the worker), pvc://<claim>[/<path>] (a PersistentVolumeClaim "
-            "mounted read-only) or hostpath://<absolute path on the node>.",
-            512,
-            minLength=1,
-        ),
-        "file": _str("A file inside the source to load, e.g. a GGUF file.", 253),
-        "revision": _str("Hugging Face revision (branch, tag or commit) for hf:// sources.", 128),
-        "tokenizer": _str("Tokenizer to use when it differs from the model (HF id or path).", 512),
-        "servedName": _str("Model name announced by ListModels; defaults to the source.", 253),
-    },
-    "x-kubernetes-validations": [
-        {
-            "rule": "self.source.startsWith('hf://') || self.source.startsWith('pvc://') || "
-            "self.source.startsWith('hostpath://')",
-            "message": "model.source must start with hf://, pvc:// or hostpath://",
-        },
-        {
-            "rule": "!self.source.startsWith('hostpath://') || self.source.startsWith('hostpath:///')",
-            "message": "a hostpath:// model.source must be an absolute path, e.g. hostpath:///data/models/x",
-        },
-    ],
-}
-
-_RESOURCES: Schema = {
-    "type": "object",
-    "default": {},
-    "description": "What one replica (one worker pod) gets.",
-    "properties": {
-        "gpus": _int(1, 0, 64, description="GPUs per replica; 0 runs the worker on CPU (development)."),
-        "gpuResourceName": _str("Extended resource name of the GPUs.", 253, default="nvidia.com/gpu"),
-        "cpu": {"x-kubernetes-int-or-string": True, "description": "CPU request, e.g. 4 or 3500m."},
-        "memory": {"x-kubernetes-int-or-string": True, "description": "Memory request and limit, e.g. 32Gi."},
-        "nodeSelector": {**_STRING_MAP, "description": "Node labels a worker pod requires."},
-        "tolerations": {**_FREE_LIST, "description": "Pod tolerations (core/v1 Toleration)."},
-    },
-}
-
-_ENGINE: Schema = {
-    "type": "object",
-    "default": {},
-    "description": "Worker engine settings, passed as flags of `kvmesh worker`.",
-    "properties": {
-        "dtype": {"type": "string", "enum": ["auto", "float16", "bfloat16", "float32"], "default": "auto"},
-        "blockSize": _int(
-            16, 1, 256, description="KV-cache block size in tokens (also the prefix-hash unit)."
-        ),
-        "maxNumSeqs": _int(256, 1, 65536, description="Most sequences batched at once."),
-        "maxModelLen": _int(4096, 16, 1048576, description="Longest context (prompt + output) in tokens."),
-        "gpuMemoryUtilization": _num(0.9, 0.05, 0.99, description="Fraction of GPU memory for weights + KV."),
-        "tensorParallelSize": _int(1, 1, 64, description="GPUs one model copy is sharded over."),
-        "extraArgs": {
-            "type": "array",
-            "default": [],
-            "maxItems": 64,
-            "items": {"type": "string", "maxLength": 1024},
-            "description": "Further `kvmesh worker` arguments, appended verbatim.",
-        },
-    },
-}
-
-_ROUTING: Schema = {
-    "type": "object",
-    "default": {},
-    "description": "How the gateway routes to this deployment's workers.",
-    "properties": {
-        "policy": {"type": "string", "enum": ["prefix", "least-load", "round-robin"], "default": "prefix"},
-        "loadFactor": _num(1.25, 1.0, 100.0, description="Skip workers above loadFactor x mean load."),
-        "blockSize": _int(
-            None,
-            1,
-            256,
-            description="Prefix-hash block size; must equal engine.blockSize (workers announce it).",
-        ),
-    },
-}
-
-
-def _window(default: int, description: str) -> Schema:
-    window = _int(default, 0, 3600, description=description)
-    return {"type": "object", "default": {}, "properties": {"stabilizationWindowSeconds": window}}
-
-
-_AUTOSCALING: Schema = {
-    "type": "object",
-    "default": {},
-    "description": "Load-based scaling of spec.replicas from the load the workers report to Redis.",
-    "properties": {
-        "enabled": {"type": "boolean", "default": False},
-        "minReplicas": _int(1, 1, 1000),
-        "maxReplicas": _int(4, 1, 1000),
-        "target": {
-            "type": "object",
-            "default": {},
-            "properties": {
-                "metric": {
-                    "type": "string",
-                    "enum": ["queueDepth", "kvUsage"],
-                    "default": "queueDepth",
-                    "description": "queueDepth: requests running + waiting per replica; "
-                    "kvUsage: mean KV-cache usage (0..1).",
-                },
-                "value": _num(8.0, 0.01, 100000.0, description="Target value of the metric per replica."),
-            },
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.metric != 'kvUsage' || self.value <= 1.0",
-                    "message": "a kvUsage target value is a fraction and must be at most 1.0",
-                }
-            ],
-        },
-        "tolerance": _num(
-            0.1, 0.0, 1.0, description="No scaling while load/target is within 1 +- tolerance."
-        ),
-        "scaleUp": _window(0, "Scale up to the lowest recommendation of this many past seconds."),
-        "scaleDown": _window(300, "Scale down to the highest recommendation of this many past seconds."),
-    },
-    "x-kubernetes-validations": [
-        {
-            "rule": "self.minReplicas <= self.maxReplicas",
-            "message": "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas",
-        }
-    ],
-}
-
-_SECRET_KEY_REF: Schema = {
-    "type": "object",
-    "required": ["name", "key"],
-    "properties": {
-        "name": _str("Secret name (same namespace).", 253),
-        "key": _str("Key in the Secret.", 253),
-    },
-}
-
-_SPEC: Schema = {
-    "type": "object",
-    "required": ["model"],
-    "properties": {
-        "model": _MODEL,
-        "replicas": _int(1, 0, 1000, description="Worker replicas; written by the autoscaler when enabled."),
-        "image": _str("Worker image; defaults to the operator's --worker-image.", 512),
-        "imagePullPolicy": {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]},
-        "resources": _RESOURCES,
-        "engine": _ENGINE,
-        "routing": _ROUTING,
-        "autoscaling": _AUTOSCALING,
-        "redis": {
-            "type": "object",
-            "description": "Redis for routing metadata and load; defaults to the operator's settings.",
-            "properties": {
-                "url": _str("redis:// URL without a password.", 1024),
-                "urlSecretRef": _SECRET_KEY_REF,
-            },
-        },
-        "env": {**_FREE_LIST, "description": "Extra environment variables (core/v1 EnvVar) of the worker."},
-        "podTemplate": {
-            "type": "object",
-            "description": "Overrides merged into the worker pod template.",
-            "properties": {
-                "metadata": {
-                    "type": "object",
-                    "properties": {"labels": _STRING_MAP, "annotations": _STRING_MAP},
-                },
-                "spec": {
-                    "type": "object",
-                    "x-kubernetes-preserve-unknown-fields": True,
-                    "description": "core/v1 PodSpec fields (not containers) merged over the built pod spec.",
-                },
-            },
-        },
-    },
-    "x-kubernetes-validations": [
-        {
-            "rule": "self.resources.gpus == 0 ? self.engine.tensorParallelSize == 1 : "
-            "self.resources.gpus % self.engine.tensorParallelSize == 0",
-            "message": "engine.tensorParallelSize must divide resources.gpus (and be 1 when gpus is 0)",
-        },
-        {
-            "rule": "!has(self.routing.blockSize) || self.routing.blockSize == self.engine.blockSize",
-            "message": "routing.blockSize must equal engine.blockSize: gateway and workers hash "
-            "prefixes in the same block units",
-        },
-    ],
-}
-
-
-def _complete_object_defaults(schema: Schema) -> Schema:
-    """Expand each ``default: {}`` of an object into its fully defaulted value.
-
-    The API server validates a default (CEL rules included) as written, before nested defaults apply,
-    so ``{}`` would fail rules that read nested fields."""
-    for prop in schema.get("properties", {}).values():
-        _complete_object_defaults(prop)
-    if schema.get("type") == "object" and schema.get("default") == {}:
-        value: dict[str, Any] = {}
-        _default_object(value, schema)
-        schema["default"] = value
-    return schema
-
-
-_CONDITION: Schema = {
-    "type": "object",
-    "required": ["type", "status"],
-    "properties": {
-        "type": {"type": "string", "maxLength": 316},
-        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-        "reason": {"type": "string", "maxLength": 1024},
-        "message": {"type": "string", "maxLength": 32768},
-        "lastTransitionTime": {"type": "string", "format": "date-time"},
-        "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
-    },
-}
-
-_STATUS: Schema = {
-    "type": "object",
-    "properties": {
-        "observedGeneration": {"type": "integer", "format": "int64"},
-        "replicas": {"type": "integer"},
-        "readyReplicas": {"type": "integer"},
-        "updatedReplicas": {"type": "integer"},
-        "selector": {"type": "string", "description": "Label selector of the worker pods (for the HPA)."},
-        "endpoint": {"type": "string", "description": "gRPC address of the workers' headless Service."},
-        "conditions": {
-            "type": "array",
-            "items": _CONDITION,
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
-        "autoscaling": {
-            "type": "object",
-            "properties": {
-                "desiredReplicas": {"type": "integer"},
-                "currentMetric": {"type": "number"},
-                "liveWorkers": {"type": "integer"},
-                "reason": {"type": "string"},
-                "lastScaleTime": {"type": "string", "format": "date-time"},
-            },
-        },
-    },
-}
-
 
 def crd_manifest() -> dict[str, Any]:
     """The CustomResourceDefinition object, ready for ``kubectl apply``."""
@@ -308,6 +32,8 @@ def crd_manifest() -> dict[str, Any]:
         "metadata": {
             "name": f"{PLURAL}.{GROUP}",
             "labels": {"app.kubernetes.io/name": "kvmesh", "app.kubernetes.io/component": "crd"},
+            # Uninstalling the chart must not delete every InferenceDeployment with the CRD.
+            "annotations": {"helm.sh/resource-policy": "keep"},
         },
         "spec": {
             "group": GROUP,
@@ -362,8 +88,8 @@ def crd_manifest() -> dict[str, Any]:
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": _SPEC,
-                                "status": _STATUS,
+                                "spec": SPEC,
+                                "status": STATUS,
                             },
                         }
                     },
@@ -374,36 +100,24 @@ def crd_manifest() -> dict[str, Any]:
 
 
 def spec_schema() -> Schema:
-    return copy.deepcopy(_SPEC)
+    return copy.deepcopy(SPEC)
 
 
 def apply_defaults(spec: dict[str, Any], schema: Schema | None = None) -> dict[str, Any]:
     """Fill in the schema's defaults as the API server does (a copy; the input is left alone).
 
-    The API server has already defaulted what it stores; this makes the builders total for objects
+    The API server has already defaulted what it stores; this makes the typed spec total for objects
     written before a default existed and for unit tests that pass partial specs.
     """
-    schema = _SPEC if schema is None else schema
     out = copy.deepcopy(spec)
-    _default_object(out, schema)
+    default_object(out, SPEC if schema is None else schema)
     return out
-
-
-def _default_object(value: dict[str, Any], schema: Schema) -> None:
-    for key, prop in schema.get("properties", {}).items():
-        if key not in value and "default" in prop:
-            value[key] = copy.deepcopy(prop["default"])
-        if isinstance(value.get(key), dict) and prop.get("type") == "object":
-            _default_object(value[key], prop)
-
-
-_complete_object_defaults(_SPEC)
 
 
 def main() -> int:
     import yaml
 
-    sys.stdout.write("# Generated by `python -m kvmesh.operator.crd`; edit operator/crd.py instead.\n")
+    sys.stdout.write("# Generated by `python -m kvmesh.operator.crd`; edit operator/schema.py instead.\n")
     yaml.safe_dump(crd_manifest(), sys.stdout, sort_keys=False, width=110)
     return 0
 

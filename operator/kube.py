@@ -6,6 +6,7 @@ operator needs no generated models and no API discovery.
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -26,6 +27,7 @@ PLURALS = {
     "Service": "services",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "Deployment": "deployments",
+    "Event": "events",
     crd.KIND: crd.PLURAL,
 }
 
@@ -111,6 +113,37 @@ class Kube:
         path = resource_path(crd.API_VERSION, crd.KIND, namespace, name) + "/scale"
         body = {"spec": {"replicas": replicas}}
         self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
+
+    def patch_status(self, namespace: str, name: str, status: Manifest) -> None:
+        """Merge-patch an InferenceDeployment's status subresource."""
+        path = resource_path(crd.API_VERSION, crd.KIND, namespace, name) + "/status"
+        body = {"status": status}
+        self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
+
+    def post_event(self, involved: Manifest, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about an InferenceDeployment (``involved``: its metadata)."""
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = involved["namespace"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{involved['name']}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": crd.API_VERSION,
+                "kind": crd.KIND,
+                "name": involved["name"],
+                "namespace": namespace,
+                "uid": involved.get("uid", ""),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.request("POST", resource_path("v1", "Event", namespace), body=event)
 
 
 def _message(data: bytes | None) -> str:

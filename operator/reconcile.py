@@ -6,6 +6,7 @@ operator survives restarts and repairs drift by simply running again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmesh.operator import builders, crd, status
-from kvmesh.operator.autoscaler import AutoscalingPolicy, Decision, LoadSource, SampleWindow, decide
+from kvmesh.operator import builders, status
+from kvmesh.operator.autoscaler import Decision, LoadSource, SampleWindow, decide
 from kvmesh.operator.kube import Kube, KubeError
+from kvmesh.operator.routing import RoutingPublisher, roll_gateways
+from kvmesh.operator.spec import DeploymentSpec
 
 log = logging.getLogger("kvmesh.operator")
 
@@ -39,13 +42,17 @@ class Reconciler:
     load_source: LoadSource | None = None
     # Builds a LoadSource for an InferenceDeployment's own spec.redis.url (None: always the default).
     source_factory: Callable[[str], LoadSource] | None = None
+    # Publishes spec.routing where the deployment's gateways read it (None: not published).
+    routing: RoutingPublisher | None = None
     _sources: dict[str, LoadSource] = field(default_factory=dict)
     _errors: dict[tuple[str, str], str] = field(default_factory=dict)
     _versions: dict[tuple[str, str, str], str] = field(default_factory=dict)
     _windows: dict[tuple[str, str], SampleWindow] = field(default_factory=dict)
+    # The InferenceDeployments this process watches, as last seen (fed by their watch events).
+    objects: dict[tuple[str, str], Manifest] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def apply_children(self, owner: builders.Owner, spec: Manifest) -> list[str]:
+    def apply_children(self, owner: builders.Owner, spec: DeploymentSpec) -> list[str]:
         """Server-side apply every child; the ones whose resourceVersion moved are returned."""
         changed = []
         for manifest in builders.build_children(owner, spec, self.config):
@@ -61,16 +68,18 @@ class Reconciler:
                 self._versions[key] = version
         return changed
 
-    def observe(self, body: Any, spec: Manifest, error: str | None) -> Manifest:
+    def observe(
+        self, body: Any, spec: DeploymentSpec | None, error: str | None, deployment: Manifest | None = None
+    ) -> Manifest:
+        """Status from the worker Deployment (given by its watch event, else read once)."""
         owner = builders.Owner.from_body(body)
-        deployment = None
-        if error is None:
+        if error is None and deployment is None:
             deployment = self.kube.get(
                 "apps/v1", "Deployment", owner.namespace, builders.worker_name(owner.name)
             )
         return status.compute_status(
             generation=body["metadata"].get("generation", 0),
-            desired=int(spec.get("replicas", 1)),
+            desired=spec.replicas if spec else int(body["spec"].get("replicas", 1)),
             selector=builders.selector_string(owner.name),
             endpoint=builders.endpoint(owner, self.config),
             deployment=deployment,
@@ -81,36 +90,70 @@ class Reconciler:
     def converge(self, body: Any) -> Outcome:
         """Apply the children for the object's current spec, then observe them."""
         owner = builders.Owner.from_body(body)
-        spec = crd.apply_defaults(dict(body["spec"]))
+        spec: DeploymentSpec | None = None
         try:
+            spec = DeploymentSpec.parse(body["spec"])
             changed = self.apply_children(owner, spec)
-            return Outcome(self.observe(body, spec, None), changed=changed)
         except (KubeError, ValueError) as exc:
             return Outcome(self.observe(body, spec, str(exc)), error=str(exc))
+        changed += self.deliver_routing(owner, spec)
+        return Outcome(self.observe(body, spec, None), changed=changed)
+
+    def deliver_routing(self, owner: builders.Owner, spec: DeploymentSpec) -> list[str]:
+        """Publish spec.routing in Redis, then roll the gateways that read an older one. Failures
+        are logged and retried on the next pass; they never fail the workers' reconcile."""
+        if self.routing is None or spec.redis.url not in (None, self.routing.url):
+            return []
+        if not self.routing.publish(owner.deployment_id, spec.routing):
+            return []
+        try:
+            return roll_gateways(self.kube, owner.namespace, owner.name, spec.routing)
+        except KubeError as exc:
+            log.warning("Rolling the gateways failed", extra={"deployment": owner.name, "error": str(exc)})
+            return []
+
+    def child_event(self, owner_body: Any, child: Manifest, deleted: bool) -> Outcome | None:
+        """A watched child changed. Deleted or edited by someone else (its generation, or for kinds
+        without one its resourceVersion, differs from what our last apply left): converge again.
+        The worker Deployment's own progress: refresh the status from the event, no API read."""
+        meta = child["metadata"]
+        key = (meta["namespace"], child["kind"], meta["name"])
+        version = str(meta.get("generation") or meta.get("resourceVersion"))
+        with self._lock:
+            applied = self._versions.get(key)
+        if deleted or (applied is not None and applied != version):
+            return self.converge(owner_body)
+        if child["kind"] != "Deployment":
+            return None
+        try:
+            spec = DeploymentSpec.parse(owner_body["spec"])
+        except ValueError as exc:
+            return Outcome(self.observe(owner_body, None, str(exc)), error=str(exc))
+        return Outcome(self.observe(owner_body, spec, None, deployment=child))
 
     def autoscale(self, body: Any, now: float | None = None) -> Decision | None:
         """One autoscaler step: read load, decide, and write spec.replicas through /scale when it moves."""
         owner = builders.Owner.from_body(body)
-        spec = crd.apply_defaults(dict(body["spec"]))
+        spec = DeploymentSpec.parse(body["spec"])
         key = (owner.namespace, owner.name)
-        if not spec["autoscaling"]["enabled"] or self.load_source is None:
+        if not spec.autoscaling_enabled or self.load_source is None:
             self._windows.pop(key, None)
             return None
         now = time.time() if now is None else now
-        policy = AutoscalingPolicy.from_spec(spec["autoscaling"])
+        policy = spec.autoscaling
         window = self._windows.setdefault(key, SampleWindow())
-        window.add(self._source(spec).read(owner.name, now), policy, now)
-        current = int(spec["replicas"])
+        window.add(self._source(spec).read(owner.deployment_id, now), policy, now)
+        current = spec.replicas
         decision = decide(current, list(window.samples), policy, now)
         if decision.desired != current:
             self.kube.scale(owner.namespace, owner.name, decision.desired)
             # Converge the Deployment right away rather than on the next pass.
-            self.apply_children(owner, {**spec, "replicas": decision.desired})
+            self.apply_children(owner, dataclasses.replace(spec, replicas=decision.desired))
         return decision
 
-    def _source(self, spec: Manifest) -> LoadSource:
+    def _source(self, spec: DeploymentSpec) -> LoadSource:
         assert self.load_source is not None
-        url = (spec.get("redis") or {}).get("url")
+        url = spec.redis.url
         if not url or self.source_factory is None:
             return self.load_source
         with self._lock:
@@ -133,11 +176,12 @@ class Reconciler:
             return len({(ns, name) for ns, kind, name in self._versions if kind == "Deployment"})
 
     def forget(self, namespace: str, name: str) -> None:
+        self.objects.pop((namespace, name), None)
         self._windows.pop((namespace, name), None)
         self._errors.pop((namespace, name), None)
         with self._lock:
-            names = (builders.worker_name(name), builders.config_name(name))
-            for key in [k for k in self._versions if k[0] == namespace and k[2] in names]:
+            worker = builders.worker_name(name)
+            for key in [k for k in self._versions if k[0] == namespace and k[2] == worker]:
                 self._versions.pop(key, None)
 
 

@@ -38,7 +38,9 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="default", help="HF directory, .gguf file, or 'default' (SmolLM2-135M)"
+        "--model",
+        default="default",
+        help="HF directory, .gguf file, hf://ORG/REPO[@REVISION][/FILE] or 'default' (SmolLM2-135M)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
@@ -49,8 +51,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="worker identity (default: hostname-pid)")
     parser.add_argument("--advertise-address", default="", help="host:port gateways dial (default host:port)")
-    parser.add_argument("--deployment", default="default", help="deployment this worker belongs to")
-    parser.add_argument("--redis-url", default="", help="register and report load to this Redis")
+    parser.add_argument(
+        "--deployment", default="default", help="[NAMESPACE/]NAME of the deployment this worker belongs to"
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("KVMESH_REDIS_URL", ""),
+        help="register and report load to this Redis (env KVMESH_REDIS_URL; password from env "
+        "KVMESH_REDIS_PASSWORD or KVMESH_REDIS_PASSWORD_FILE)",
+    )
     parser.add_argument(
         "--shutdown-grace", type=float, default=25.0, help="seconds in-flight requests get on SIGTERM"
     )
@@ -76,6 +85,19 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    # Fast, one-line failures before torch loads: a model that is not there, a port that is taken.
+    from kvmesh.ports import taken_ports_error
+    from kvmesh.worker.model.loader import ModelNotFound, locate_model
+
+    try:
+        locate_model(args.model)
+    except ModelNotFound as e:
+        logging.getLogger("kvmesh.worker").error("%s", e)
+        return 2
+    ports = {"--port": args.port, "--metrics-port": args.metrics_port, "--http-port": args.http_port}
+    if error := taken_ports_error(args.host, ports):
+        logging.getLogger("kvmesh.worker").error("%s", error)
+        return 2
     from kvmesh.worker.engine.config import EngineConfig
     from kvmesh.worker.server import ServerOptions, serve
 

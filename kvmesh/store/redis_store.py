@@ -1,16 +1,8 @@
 """Redis metadata store: shared by every gateway replica, the workers' reporters and the operator.
 
-Keys (all hash-tagged with the deployment, so one deployment lives in one Redis Cluster slot):
-
-- ``kvmesh:{<dep>}:workers``               set of worker ids
-- ``kvmesh:{<dep>}:worker:<id>``           hash: worker_id, address, model, block_size, running,
-                                           waiting, kv_usage, num_blocks, heartbeat (unix s); TTL
-- ``kvmesh:{<dep>}:worker:<id>:blocks``    set of the worker's precise block hashes (hex)
-- ``kvmesh:{<dep>}:block:<hash hex>``      hash: worker id -> ``p`` (precise) or expiry in ms
-                                           (approximate, Redis server clock)
-
-A routing decision reads everything it needs with one ``EVALSHA`` (``LOOKUP``). Scripts build
-worker and block keys from the tagged prefix they are given; every key shares the slot.
+Key names and authentication: ``kvmesh.store.redis_keys``. A routing decision reads everything it
+needs with one ``EVALSHA`` (``LOOKUP``). Scripts build worker and block keys from the tagged prefix
+they are given; every key shares the slot.
 """
 
 from __future__ import annotations
@@ -21,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from kvmesh.store.base import BLOCK_TTL_S, ROUTE_TTL_S, WORKER_TTL_S, RoutingView, StoreError, WorkerInfo
+from kvmesh.store.redis_keys import RedisKeys, hex64, redis_auth
 
 CHUNK = 4096  # hashes per script call, keeps single script runs short
 
@@ -105,27 +98,6 @@ return 1
 """
 
 
-def hex64(h: int) -> str:
-    return f"{h:016x}"
-
-
-class RedisKeys:
-    def __init__(self, deployment: str) -> None:
-        self.prefix = f"kvmesh:{{{deployment}}}:"
-        self.workers = self.prefix + "workers"
-        self.worker_prefix = self.prefix + "worker:"
-        self.block_prefix = self.prefix + "block:"
-
-    def worker(self, worker_id: str) -> str:
-        return self.worker_prefix + worker_id
-
-    def worker_blocks(self, worker_id: str) -> str:
-        return self.worker_prefix + worker_id + ":blocks"
-
-    def block(self, h: int) -> str:
-        return self.block_prefix + hex64(h)
-
-
 class RedisStore:
     """``MetadataStore`` over Redis. Every method raises ``StoreError`` when Redis fails."""
 
@@ -144,6 +116,7 @@ class RedisStore:
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             retry_on_timeout=False,
+            **redis_auth(),
         )
         self._lookup = self._redis.register_script(LOOKUP)
         self._apply = self._redis.register_script(APPLY_BLOCKS)
@@ -221,6 +194,13 @@ class RedisStore:
 
     async def list_workers(self) -> list[WorkerInfo]:
         return (await self.lookup([])).workers
+
+    async def routing(self) -> dict[str, str]:
+        """The deployment's published routing settings (``policy``, ``load_factor``); {} if none."""
+        try:
+            return await self._redis.hgetall(self.keys.routing)
+        except RedisError as e:
+            raise StoreError(str(e)) from e
 
     async def close(self) -> None:
         await self._redis.aclose()

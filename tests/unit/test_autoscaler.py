@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from kvmesh.operator import crd
 from kvmesh.operator.autoscaler import (
     AutoscalingPolicy,
     LoadSnapshot,
@@ -9,13 +12,18 @@ from kvmesh.operator.autoscaler import (
     aggregate,
     decide,
     recommend,
-    worker_key,
-    workers_key,
 )
+from kvmesh.store.redis_keys import RedisKeys
 
-POLICY = AutoscalingPolicy(
-    min_replicas=1, max_replicas=10, target=8.0, tolerance=0.1, scale_up_window=0, scale_down_window=300
-)
+# The CRD's defaults are the only ones: tests start from them, as the operator does.
+DEFAULTS = AutoscalingPolicy.from_spec(crd.apply_defaults({"model": {"source": "hf://a/b"}})["autoscaling"])
+
+
+def make_policy(**changes: object) -> AutoscalingPolicy:
+    return dataclasses.replace(DEFAULTS, **changes)
+
+
+POLICY = make_policy(max_replicas=10, scale_up_window=0, scale_down_window=300)
 
 
 def load(t: float, workers: int, inflight: int, kv: float = 0.0) -> LoadSnapshot:
@@ -44,13 +52,13 @@ def test_within_tolerance_keeps_the_current_count() -> None:
 
 
 def test_kv_usage_metric() -> None:
-    policy = AutoscalingPolicy(metric="kvUsage", target=0.5, min_replicas=1, max_replicas=10)
+    policy = make_policy(metric="kvUsage", target=0.5, min_replicas=1, max_replicas=10)
     assert recommend(2, load(0, 2, 0, kv=0.9), policy) == 4  # 2 x 0.9 / 0.5 = 3.6
     assert recommend(2, load(0, 2, 0, kv=0.5), policy) == 2
 
 
 def test_bounds_clamp_decisions() -> None:
-    policy = AutoscalingPolicy(min_replicas=2, max_replicas=3, target=8, scale_down_window=0)
+    policy = make_policy(min_replicas=2, max_replicas=3, target=8, scale_down_window=0)
     assert decide(2, [load(100, 2, 1000)], policy, now=100).desired == 3
     assert decide(3, [load(100, 3, 0)], policy, now=100).desired == 2
 
@@ -67,7 +75,7 @@ def test_scale_up_at_most_doubles_or_adds_four() -> None:
 
 
 def test_scale_up_window_ignores_a_short_spike() -> None:
-    policy = AutoscalingPolicy(target=8, max_replicas=10, scale_up_window=60, scale_down_window=300)
+    policy = make_policy(target=8, max_replicas=10, scale_up_window=60, scale_down_window=300)
     samples = [*steady(2, 16, 0, 100), load(110, 2, 80)]  # one spike sample
     assert decide(2, samples, policy, now=110).desired == 2
     sustained = [*steady(2, 16, 0, 40), *steady(2, 80, 50, 120)]  # high for a whole minute
@@ -93,7 +101,7 @@ def test_scale_down_needs_a_full_window_of_evidence() -> None:
 
 def test_oscillating_load_does_not_flap() -> None:
     """Load alternating every 30 s between 'needs 2' and 'needs 4' settles at 4 and stays there."""
-    policy = AutoscalingPolicy(target=8, max_replicas=10, scale_up_window=0, scale_down_window=300)
+    policy = make_policy(target=8, max_replicas=10, scale_up_window=0, scale_down_window=300)
     current, history, counts = 2, [], []
     for step in range(60):
         t = 1000 + step * 30
@@ -106,7 +114,7 @@ def test_oscillating_load_does_not_flap() -> None:
 
 
 def test_oscillation_against_an_up_window_holds_the_count() -> None:
-    policy = AutoscalingPolicy(target=8, max_replicas=10, scale_up_window=120, scale_down_window=300)
+    policy = make_policy(target=8, max_replicas=10, scale_up_window=120, scale_down_window=300)
     current, history, changes = 2, steady(2, 16, 4800, 4990), 0
     for step in range(40):
         t = 5000 + step * 30
@@ -127,7 +135,7 @@ def test_stale_or_missing_load_holds_the_count() -> None:
 
 
 def test_missing_metrics_still_respect_bounds() -> None:
-    policy = AutoscalingPolicy(min_replicas=2, max_replicas=4)
+    policy = make_policy(min_replicas=2, max_replicas=4)
     assert decide(1, [], policy, now=0).desired == 2
     assert decide(9, [], policy, now=0).desired == 4
 
@@ -156,9 +164,17 @@ def test_sample_window_keeps_only_what_matters() -> None:
     assert not window.samples
 
 
-def test_redis_keys_are_hash_tagged_per_deployment() -> None:
-    assert workers_key("llama") == "kvmesh:{llama}:workers"
-    assert worker_key("llama", "pod-1") == "kvmesh:{llama}:worker:pod-1"
+def test_redis_keys_are_hash_tagged_per_namespaced_deployment() -> None:
+    keys = RedisKeys("serving/llama")
+    assert keys.workers == "kvmesh:{serving/llama}:workers"
+    assert keys.worker("pod-1") == "kvmesh:{serving/llama}:worker:pod-1"
+    assert RedisKeys("llama").workers == "kvmesh:{default/llama}:workers"  # a bare name: namespace default
+    assert RedisKeys("other/llama").workers != keys.workers
+
+
+def test_policy_defaults_come_from_the_crd_alone() -> None:
+    assert (DEFAULTS.min_replicas, DEFAULTS.max_replicas, DEFAULTS.target) == (1, 4, 8.0)
+    assert (DEFAULTS.scale_up_window, DEFAULTS.scale_down_window, DEFAULTS.tolerance) == (0, 300, 0.1)
 
 
 def test_aggregate_skips_stale_and_malformed_workers() -> None:
@@ -177,7 +193,7 @@ def test_aggregate_skips_stale_and_malformed_workers() -> None:
 
 def test_windows_shorter_than_the_sampling_period() -> None:
     """A window shorter than the time since the last sample still decides on the latest sample."""
-    policy = AutoscalingPolicy(target=4, max_replicas=4, scale_up_window=0, scale_down_window=6)
+    policy = make_policy(target=4, max_replicas=4, scale_up_window=0, scale_down_window=6)
     samples = [load(100, 4, 0), load(110, 4, 0)]
     assert decide(4, samples, policy, now=125).desired == 1
     assert decide(1, [load(100, 1, 40)], policy, now=125).desired == 4

@@ -1,29 +1,42 @@
 """Finds a model on disk and loads its config, tokenizer and weights.
 
 Hugging Face directories are read directly (config.json + safetensors). A GGUF
-file is dequantized once through transformers and cached as a safetensors
-directory keyed by the file's identity, so later starts take seconds.
+file is dequantized once (kvmesh.worker.model.convert) and cached as a
+safetensors directory, so later starts take seconds.
+
+Locating a model (``locate_model``) imports nothing heavy, so a wrong ``--model``
+fails in a fraction of a second with one line that says what is wrong.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from kvmesh.models import DEFAULT_MODEL_NAME, default_gguf_path
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+# Sampling settings read from generation_config.json (vLLM reads the same ones).
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model argument names nothing usable; the message is one line a user can act on."""
+
+
+@dataclass(slots=True)
+class ModelSource:
+    kind: str  # "directory" | "gguf" | "hub"
+    location: str  # a local path, or a Hub repository id
+    name: str  # the served model name
 
 
 @dataclass(slots=True)
@@ -36,87 +49,107 @@ def cache_root() -> Path:
     return Path(os.environ.get("KVMESH_CACHE", Path.home() / ".cache" / "kvmesh"))
 
 
-def resolve_model(model: str) -> ModelFiles:
-    """``default``, a local directory or .gguf file, or a Hub repository (``hf://org/name`` or
-    ``org/name``; revision and a GGUF file inside it from KVMESH_MODEL_REVISION / KVMESH_MODEL_FILE)."""
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or model.count("/") > 1
+
+
+def locate_model(model: str) -> ModelSource:
+    """``default``, a local directory or .gguf file, or a Hub repository (``hf://org/name``, or
+    ``org/name`` when no such local path exists). Raises ModelNotFound; imports nothing heavy."""
     if model == "default":
-        return ModelFiles(_gguf_to_directory(default_gguf_path()), DEFAULT_MODEL_NAME)
+        return ModelSource("gguf", str(default_gguf_path()), DEFAULT_MODEL_NAME)
+    if model.startswith("hf://"):
+        spec = model.removeprefix("hf://")
+        if spec.count("/") < 1:
+            raise ModelNotFound(f"model {model!r}: a Hub model is hf://ORG/REPO[@REVISION][/FILE]")
+        return ModelSource("hub", spec, hub_parts(spec)[0])
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelFiles(_gguf_to_directory(path), path.stem)
-    if path.is_dir() and (path / "config.json").is_file():
-        return ModelFiles(path, path.name)
-    repo = model.removeprefix("hf://")
-    if model.startswith("hf://") or (not path.exists() and _REPO_ID.fullmatch(repo)):
-        return _from_hub(repo)
-    raise FileNotFoundError(
-        f"model {model!r} is not a Hugging Face directory, a .gguf file, a Hub repository or 'default'"
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"model {model!r} is a file but not a .gguf model")
+        return ModelSource("gguf", str(path), path.stem)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("directory", str(path), path.name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(ggufs[0]), ggufs[0].stem)
+        raise ModelNotFound(
+            f"model directory {model!r} has no config.json (not a Hugging Face model directory)"
+            + (f" and {len(ggufs)} .gguf files: name one" if ggufs else "")
+        )
+    if _REPO_ID.fullmatch(model) and not _looks_like_path(model):
+        owner = Path(model.split("/", 1)[0])
+        if owner.is_dir():  # ./owner exists: the user more likely meant a local path
+            raise ModelNotFound(
+                f"model {model!r} does not exist under ./{owner}; "
+                f"for the Hugging Face Hub repository write hf://{model}"
+            )
+        return ModelSource("hub", model, model)
+    if _looks_like_path(model) or os.sep in model:
+        raise ModelNotFound(f"model path {model!r} does not exist")
+    raise ModelNotFound(
+        f"model {model!r} not found: give a local directory or .gguf file, a Hub id (org/name) or 'default'"
     )
 
 
-def _from_hub(repo: str) -> ModelFiles:
-    """Downloads (or finds in the Hugging Face cache) the files a worker needs from a Hub repo."""
+def resolve_model(model: str) -> ModelFiles:
+    """The model as a local Hugging Face directory: GGUF files converted once, Hub repositories
+    downloaded (revision and a GGUF file inside from KVMESH_MODEL_REVISION / KVMESH_MODEL_FILE)."""
+    from kvmesh.worker.model.convert import gguf_to_directory
+
+    source = locate_model(model)
+    if source.kind == "directory":
+        return ModelFiles(Path(source.location), source.name)
+    if source.kind == "gguf":
+        return ModelFiles(gguf_to_directory(Path(source.location)), source.name)
+    return _from_hub(source.location)
+
+
+def hub_parts(spec: str) -> tuple[str, str | None, str | None]:
+    """``ORG/REPO[@REVISION][/FILE]`` -> (repository id, revision, file inside it)."""
+    owner, name, *rest = spec.split("/", 2)
+    name, _, revision = name.partition("@")
+    return f"{owner}/{name}", revision or None, (rest[0] if rest else None)
+
+
+def _from_hub(spec: str) -> ModelFiles:
+    """Downloads (or finds in the Hugging Face cache) the files a worker needs from a Hub repo:
+    ``ORG/REPO[@REVISION][/FILE.gguf]``."""
     from huggingface_hub import snapshot_download
 
-    revision = os.environ.get("KVMESH_MODEL_REVISION") or None
-    gguf_file = os.environ.get("KVMESH_MODEL_FILE") or None
+    from kvmesh.worker.model.convert import gguf_to_directory
+
+    repo, revision, gguf_file = hub_parts(spec)
+    revision = revision or os.environ.get("KVMESH_MODEL_REVISION") or None
+    gguf_file = gguf_file or os.environ.get("KVMESH_MODEL_FILE") or None
     patterns = ["*.json", "*.jinja", "tokenizer*", "*.model"]
     patterns += [gguf_file] if gguf_file else ["*.safetensors"]
     try:
         local = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo without a token, ...
-        raise FileNotFoundError(f"cannot fetch model {repo!r} from the Hugging Face Hub: {e}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelNotFound(f"cannot fetch model {repo!r} from the Hugging Face Hub: {reason}") from e
     if gguf_file:
-        return ModelFiles(_gguf_to_directory(local / gguf_file), repo)
+        return ModelFiles(gguf_to_directory(local / gguf_file), repo)
     return ModelFiles(local, repo)
 
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _gguf_to_directory(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    target = cache_root() / "models" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM
-
-    log.info("Converting GGUF model %s into %s (once)", gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # transformers will not save_pretrained a GGUF-dequantized model, so write the parts directly.
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"))
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def load_config(directory: Path) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(directory)
 
 
 def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(directory)
 
 
 def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {directory}")
@@ -130,14 +163,22 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _generation_config(directory: Path) -> dict:
+    path = directory / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def eos_token_ids(config: PretrainedConfig, directory: Path) -> set[int]:
     """The ids that end a generation, as transformers' generate() sees them."""
     ids: set[int] = set()
-    gen = directory / "generation_config.json"
-    sources = [json.loads(gen.read_text()).get("eos_token_id")] if gen.is_file() else []
-    sources.append(getattr(config, "eos_token_id", None))
-    for value in sources:
+    for value in (_generation_config(directory).get("eos_token_id"), getattr(config, "eos_token_id", None)):
         if value is None:
             continue
         ids.update(value if isinstance(value, list) else [value])
     return ids
+
+
+def generation_defaults(directory: Path) -> dict[str, float | int]:
+    """The model's own sampling defaults (temperature, top_p, top_k) from generation_config.json."""
+    gen = _generation_config(directory)
+    return {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}

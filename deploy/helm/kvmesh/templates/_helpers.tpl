@@ -47,28 +47,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
 {{- end }}
 
-{{/* The Secret and key that hold the Redis URL the operator, gateways and workers use. */}}
-{{- define "kvmesh.redis.secretName" -}}
-{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
-{{- .Values.redis.external.existingSecret }}
+{{/* The Redis URL (never with a password: that travels by env from a Secret). */}}
+{{- define "kvmesh.redis.url" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s-redis.%s.svc:6379/0" (include "kvmesh.fullname" .) .Release.Namespace }}
 {{- else }}
-{{- printf "%s-redis" (include "kvmesh.fullname" .) }}
+{{- required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url }}
 {{- end }}
 {{- end }}
 
-{{- define "kvmesh.redis.secretKey" -}}
-{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
-{{- .Values.redis.external.existingSecretKey }}
-{{- else }}url{{- end }}
+{{/* The Secret and key holding the Redis password (when redis.auth.enabled). */}}
+{{- define "kvmesh.redis.passwordSecretName" -}}
+{{- default (printf "%s-redis" (include "kvmesh.fullname" .)) .Values.redis.auth.existingSecret }}
 {{- end }}
 
-{{/* Env var KVMESH_REDIS_URL from the Secret. */}}
+{{- define "kvmesh.redis.passwordSecretKey" -}}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretPasswordKey }}{{ else }}password{{ end }}
+{{- end }}
+
+{{/* Env of the operator and the gateways: the URL, and the password from its Secret (never argv). */}}
 {{- define "kvmesh.redis.env" -}}
 - name: KVMESH_REDIS_URL
+  value: {{ include "kvmesh.redis.url" . | quote }}
+{{- if .Values.redis.auth.enabled }}
+- name: KVMESH_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "kvmesh.redis.secretName" . }}
-      key: {{ include "kvmesh.redis.secretKey" . }}
+      name: {{ include "kvmesh.redis.passwordSecretName" . }}
+      key: {{ include "kvmesh.redis.passwordSecretKey" . }}
+{{- end }}
 {{- end }}
 
 {{/* The operator's permissions: exactly what it reads and writes (see docs/operator.md). */}}
@@ -84,18 +91,19 @@ app.kubernetes.io/component: {{ .component }}
 - apiGroups: ["kvmesh.io"]
   resources: ["inferencedeployments/finalizers"]
   verbs: ["update"]
-# Children, created and converged by server-side apply (an apply that creates needs "create"); only
-# the worker Deployment is read back, for the status. Never deleted: the garbage collector does that.
+# Children, created and converged by server-side apply (an apply that creates needs "create") and
+# watched (status and drift repair come from their watch events). Never deleted: the garbage
+# collector does that.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
-  verbs: ["create", "patch"]
+  resources: ["services"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["create", "patch"]
-# Kubernetes events about InferenceDeployments (kopf posts core/v1 events, each a new object).
+  verbs: ["list", "watch", "create", "patch"]
+# Kubernetes events about InferenceDeployments (each a new core/v1 Event object).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -1,0 +1,230 @@
+"""The worker pod template (pure): the `kvmesh worker` command, its env, volumes and the user's merges.
+
+One configuration channel: everything the worker process reads travels as flags of `kvmesh worker`
+(tested against its parser); env carries only secrets (the Redis URL and password, from Secrets) and
+the libraries' cache locations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kvmesh.operator.podmerge import WORKER_CONTAINER, merge_pod_spec
+from kvmesh.operator.spec import DeploymentSpec, SecretKeyRef
+
+WORKER_PORT = 50051
+METRICS_PORT = 9090
+MODEL_MOUNT = "/models"
+CACHE_DIR = "/var/cache/kvmesh"
+RUN_AS_USER = 1000
+TERMINATION_GRACE_S = 60  # the worker pod's grace period; streams drain within it
+STARTUP_PERIOD_S = 10
+
+Manifest = dict[str, Any]
+
+
+@dataclass(slots=True, frozen=True)
+class RedisDefaults:
+    """The operator's Redis settings, used where an InferenceDeployment names none."""
+
+    url: str = "redis://kvmesh-redis:6379/0"
+    password_secret: SecretKeyRef | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ModelLocation:
+    """Where a model source resolves to inside the worker pod."""
+
+    model_arg: str  # the value of `kvmesh worker --model`
+    volume: Manifest | None  # the pod volume named "model" (None: hf:// downloads into the cache)
+
+
+def resolve_model(spec: DeploymentSpec) -> ModelLocation:
+    """Map ``spec.model`` to the worker's ``--model`` argument and the volume holding the weights."""
+    model = spec.model
+    source = model.source
+    if source.startswith("hf://"):
+        # hf://<org>/<repo>[@<revision>][/<file>]: the worker's loader reads all three from the flag.
+        revision = f"@{model.revision}" if model.revision else ""
+        return ModelLocation(source + revision + (f"/{model.file}" if model.file else ""), None)
+    if source.startswith("pvc://"):
+        claim, _, sub_path = source.removeprefix("pvc://").partition("/")
+        path = "/".join(p for p in (MODEL_MOUNT, sub_path.strip("/"), model.file) if p)
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return ModelLocation(path, volume)
+    if source.startswith("hostpath://"):
+        host_path = "/" + source.removeprefix("hostpath://").lstrip("/")
+        path = f"{MODEL_MOUNT}/{model.file}" if model.file else MODEL_MOUNT
+        return ModelLocation(path, {"name": "model", "hostPath": {"path": host_path, "type": "Directory"}})
+    raise ValueError(f"unsupported model source {source!r}; use hf://, pvc:// or hostpath://")
+
+
+def worker_command(name: str, namespace: str, spec: DeploymentSpec) -> list[str]:
+    """The worker container's command: the contract with `kvmesh worker`'s CLI."""
+    engine = spec.engine
+    return [
+        "kvmesh", "worker",
+        "--model", resolve_model(spec).model_arg,
+        "--host", "0.0.0.0",
+        "--port", str(WORKER_PORT),
+        "--metrics-port", str(METRICS_PORT),
+        "--worker-id", "$(POD_NAME)",
+        "--advertise-address", f"$(POD_IP):{WORKER_PORT}",
+        # Namespaced: deployments named alike in two namespaces are two pools in Redis.
+        "--deployment", f"{namespace}/{name}",
+        "--dtype", engine.dtype,
+        "--block-size", str(engine.block_size),
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--max-model-len", str(engine.max_model_len),
+        "--gpu-memory-utilization", format(engine.gpu_memory_utilization, "g"),
+        # In-flight streams get the pod's grace period, less time to exit before SIGKILL.
+        "--shutdown-grace", str(TERMINATION_GRACE_S - 5),
+        *(["--served-model-name", spec.model.served_name] if spec.model.served_name else []),
+        *engine.extra_args,
+    ]  # fmt: skip
+
+
+def _secret_env(name: str, ref: SecretKeyRef) -> Manifest:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def worker_env(spec: DeploymentSpec, redis: RedisDefaults) -> list[Manifest]:
+    """Env of the worker: pod identity for the flags, Redis (the CLI reads KVMESH_REDIS_URL and the
+    store KVMESH_REDIS_PASSWORD, so neither shows in the process's argv) and the cache locations."""
+    env: list[Manifest] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    own = spec.redis
+    if own.url_secret:
+        env.append(_secret_env("KVMESH_REDIS_URL", own.url_secret))
+    else:
+        env.append({"name": "KVMESH_REDIS_URL", "value": own.url or redis.url})
+    password = own.password_secret or (None if own.url or own.url_secret else redis.password_secret)
+    if password:
+        env.append(_secret_env("KVMESH_REDIS_PASSWORD", password))
+    # The root filesystem is read-only: every cache a worker writes lives on the cache volume.
+    env += [
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "KVMESH_CACHE", "value": f"{CACHE_DIR}/kvmesh"},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        {"name": "TRITON_HOME", "value": CACHE_DIR},
+    ]
+    overridden = {e.get("name") for e in spec.env}
+    return [e for e in env if e["name"] not in overridden] + copy.deepcopy(spec.env)
+
+
+def _grpc_probe(period: int, failures: int, timeout: int = 5) -> Manifest:
+    return {
+        "grpc": {"port": WORKER_PORT},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def startup_failures(spec: DeploymentSpec) -> int:
+    return math.ceil(spec.rollout.startup_timeout_s / STARTUP_PERIOD_S)
+
+
+def _resources(spec: DeploymentSpec) -> Manifest:
+    res = spec.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if res.cpu is not None:
+        requests["cpu"] = res.cpu
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = res.memory
+    if spec.cache.claim_name is None:
+        requests["ephemeral-storage"] = spec.cache.size_limit  # the cache emptyDir's budget
+    if res.gpus > 0:
+        # Extended resources: request must equal limit.
+        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = str(res.gpus)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _volumes(spec: DeploymentSpec, location: ModelLocation) -> tuple[list[Manifest], list[Manifest]]:
+    """(pod volumes, worker volume mounts)."""
+    if spec.cache.claim_name:
+        cache: Manifest = {"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name}}
+    else:
+        cache = {"name": "cache", "emptyDir": {"sizeLimit": spec.cache.size_limit}}
+    volumes = [
+        cache,
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+    ]
+    mounts = [
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if location.volume is not None:
+        volumes.insert(0, location.volume)
+        mounts.insert(0, {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _tolerations(spec: DeploymentSpec) -> list[Manifest]:
+    res = spec.resources
+    out: list[Manifest] = []
+    if res.gpus > 0:
+        out.append({"key": res.gpu_taint_key, "operator": "Exists", "effect": "NoSchedule"})
+    return out + [t for t in res.tolerations if t not in out]
+
+
+def build_worker_pod_spec(spec: DeploymentSpec, container: Manifest, location: ModelLocation) -> Manifest:
+    volumes, mounts = _volumes(spec, location)
+    container["volumeMounts"] = mounts
+    pod: Manifest = {
+        "containers": [container],
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # workers never talk to the Kubernetes API
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumes": volumes,
+    }
+    if spec.resources.node_selector:
+        pod["nodeSelector"] = dict(spec.resources.node_selector)
+    if tolerations := _tolerations(spec):
+        pod["tolerations"] = tolerations
+    override = (spec.pod_template.get("spec") or {}) if spec.pod_template else {}
+    return merge_pod_spec(pod, override) if override else pod
+
+
+def worker_container(
+    name: str, namespace: str, spec: DeploymentSpec, image: str, pull: str, redis: RedisDefaults
+) -> Manifest:
+    return {
+        "name": WORKER_CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull,
+        "command": worker_command(name, namespace, spec),
+        "env": worker_env(spec, redis),
+        "ports": [
+            {"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(spec),
+        # Loading weights can take long: the startup probe allows rollout.startupTimeoutSeconds, then
+        # liveness takes over.
+        "startupProbe": _grpc_probe(period=STARTUP_PERIOD_S, failures=startup_failures(spec)),
+        "readinessProbe": _grpc_probe(period=5, failures=3),
+        "livenessProbe": _grpc_probe(period=10, failures=6),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
