@@ -1,5 +1,6 @@
 """The operator against a real kube-apiserver + controller-manager: CRD validation, children, status,
-scaling, drift repair, autoscaling from a real redis-server, and garbage collection on deletion."""
+scaling, drift repair, autoscaling from a real redis-server, routing delivery, leader election and
+garbage collection on deletion."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from typing import Any
 import pytest
 import yaml
 
-from kvmesh.operator import builders, crd
+from kvmesh.operator import builders, crd, routing, workerpod
+from kvmesh.operator.spec import DeploymentSpec, RoutingSpec
+from kvmesh.store.redis_keys import RedisKeys
 
 from .cluster import _die_with_parent, free_port
 
 pytestmark = pytest.mark.controlplane
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO / "deploy" / "helm" / "kvmesh" / "crds" / "inferencedeployments.kvmesh.io.yaml"
+CRD_FILE = REPO / "deploy" / "helm" / "kvmesh" / "files" / "crds" / "inferencedeployments.kvmesh.io.yaml"
 SAMPLES = REPO / "deploy" / "samples"
 WORKER_IMAGE = "registry.test/kvmesh-worker:9.9.9"
 NAMESPACE = "kvmesh-optest"
@@ -44,7 +47,6 @@ class OperatorProcess:
         cmd = [
             sys.executable, "-m", "kvmesh.cli", "operator",
             f"--kubeconfig={kubeconfig}",
-            *([] if any(a.startswith("--peering") for a in args) else ["--standalone"]),
             f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
             f"--resync-seconds={RESYNC}",
             f"--worker-image={WORKER_IMAGE}",
@@ -122,15 +124,22 @@ class RedisServer:
                     raise
                 time.sleep(0.1)
 
-    def report(self, deployment: str, workers: dict[str, tuple[int, int, float]], ttl: int = 30) -> None:
+    def report(
+        self,
+        deployment: str,
+        workers: dict[str, tuple[int, int, float]],
+        ttl: int = 30,
+        namespace: str = NAMESPACE,
+    ) -> None:
         """Write worker load the way workers do: hash per worker with a TTL, plus the member set."""
+        keys = RedisKeys(f"{namespace}/{deployment}")
         now = time.time()
         pipe = self.client.pipeline()
         for worker_id, (running, waiting, kv) in workers.items():
-            key = f"kvmesh:{{{deployment}}}:worker:{worker_id}"
+            key = keys.worker(worker_id)
             pipe.hset(key, mapping={"running": running, "waiting": waiting, "kv_usage": kv, "heartbeat": now})
             pipe.expire(key, ttl)
-            pipe.sadd(f"kvmesh:{{{deployment}}}:workers", worker_id)
+            pipe.sadd(keys.workers, worker_id)
         pipe.execute()
 
     def stop(self) -> None:
@@ -227,13 +236,28 @@ INVALID = [
         {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
         "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas",
     ),
-    ("bad-tp", {"resources": {"gpus": 4}, "engine": {"tensorParallelSize": 3}}, "must divide resources.gpus"),
+    (
+        "tensor-parallel",
+        {"resources": {"gpus": 4}, "engine": {"tensorParallelSize": 4}},
+        "engine.tensorParallelSize must be 1: tensor parallel workers are not supported yet",
+    ),
+    (
+        "idle-gpus",
+        {"resources": {"gpus": 8}},
+        "resources.gpus must equal engine.tensorParallelSize (or be 0 for CPU)",
+    ),
     ("bad-scheme", {"model": {"source": "s3://bucket/model"}}, "model.source must start with hf://"),
     (
-        "bad-block",
-        {"engine": {"blockSize": 16}, "routing": {"blockSize": 32}},
-        "routing.blockSize must equal",
+        "hf-path",
+        {"model": {"source": "hf://org/repo/model.gguf"}},
+        "an hf:// model.source is hf://<org>/<repo>; name a file inside it with model.file",
     ),
+    (
+        "no-progress",
+        {"rollout": {"maxSurge": 0, "maxUnavailable": 0}},
+        "rollout.maxSurge and rollout.maxUnavailable cannot both be 0",
+    ),
+    ("short-startup", {"rollout": {"startupTimeoutSeconds": 5}}, "startupTimeoutSeconds"),
     ("bad-replicas", {"replicas": -1}, "spec.replicas"),
     ("bad-policy", {"routing": {"policy": "random"}}, "Unsupported value"),
     (
@@ -308,12 +332,21 @@ def test_children_are_created_with_spec_and_owner_references(cluster: Any, opera
     assert not get(cluster, crd.PLURAL, "smollm2")["metadata"].get("finalizers")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == WORKER_IMAGE
-    assert container["command"] == builders.worker_command("smollm2", owner["spec"])
+    assert container["command"] == workerpod.worker_command(
+        "smollm2", NAMESPACE, DeploymentSpec.parse(owner["spec"])
+    )
+    # Nothing secret in argv, and no env or ConfigMap that no program reads.
+    assert not any("redis" in arg for arg in container["command"])
+    assert {e["name"] for e in container["env"]} >= {"KVMESH_REDIS_URL", "KVMESH_CACHE", "HF_HOME"}
+    assert not {"KVMESH_MODEL", "KVMESH_DEPLOYMENT", "KVMESH_TOKENIZER"} & {
+        e["name"] for e in container["env"]
+    }
+    assert not [v for v in dep["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
     assert container["command"][container["command"].index("--model") + 1] == (
         "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     )
     assert container["readinessProbe"]["grpc"]["port"] == 50051
-    assert container["resources"]["requests"] == {"cpu": "2", "memory": "2Gi"}
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "2Gi"}
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     full = json.loads(
@@ -323,11 +356,7 @@ def test_children_are_created_with_spec_and_owner_references(cluster: Any, opera
     )
     managers = {m["manager"] for m in full["metadata"]["managedFields"] if m["operation"] == "Apply"}
     assert managers == {"kvmesh-operator"}
-    for kind, name in (
-        ("service", "smollm2-worker"),
-        ("pdb", "smollm2-worker"),
-        ("configmap", "smollm2-config"),
-    ):
+    for kind, name in (("service", "smollm2-worker"), ("pdb", "smollm2-worker")):
         child = cluster.wait_for(lambda k=kind, n=name: get(cluster, k, n), timeout=30, what=f"{kind}/{name}")
         assert child["metadata"]["ownerReferences"] == [expected_ref], kind
     assert get(cluster, "service", "smollm2-worker")["spec"]["clusterIP"] == "None"
@@ -404,8 +433,6 @@ def test_ready_flips_when_pods_become_ready(cluster: Any, operator: Any) -> None
 
 
 def test_spec_change_rolls_out_and_moves_observed_generation(cluster: Any, operator: Any) -> None:
-    dep = get(cluster, "deployment", "smollm2-worker")
-    old_hash = dep["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH_ANNOTATION]
     cluster.kubectl(
         "patch", crd.PLURAL, "smollm2", "-n", NAMESPACE, "--type=merge",
         "-p", json.dumps({"spec": {"engine": {"maxNumSeqs": 8}}}),
@@ -418,15 +445,12 @@ def test_spec_change_rolls_out_and_moves_observed_generation(cluster: Any, opera
         command = d["spec"]["template"]["spec"]["containers"][0]["command"]
         return d if command[command.index("--max-num-seqs") + 1] == "8" else None
 
-    dep = cluster.wait_for(rolled, timeout=30, what="new engine args")
-    assert dep["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH_ANNOTATION] != old_hash
+    cluster.wait_for(rolled, timeout=30, what="new engine args")
     cluster.wait_for(
         lambda: get(cluster, crd.PLURAL, "smollm2")["status"].get("observedGeneration") == generation,
         timeout=30,
         what="observedGeneration",
     )
-    data = get(cluster, "configmap", "smollm2-config")["data"]
-    assert '"maxNumSeqs": 8' in data["deployment.json"]
 
 
 def test_kubectl_scale_changes_the_deployment(cluster: Any, operator: Any) -> None:
@@ -616,7 +640,6 @@ def test_deleting_removes_every_child(cluster: Any, operator: Any) -> None:
                     ("deployment", "smollm2-worker"),
                     ("service", "smollm2-worker"),
                     ("pdb", "smollm2-worker"),
-                    ("configmap", "smollm2-config"),
                 )
             )
             and not get(cluster, "replicasets", "-l", "app.kubernetes.io/instance=smollm2")["items"]
@@ -625,44 +648,124 @@ def test_deleting_removes_every_child(cluster: Any, operator: Any) -> None:
     cluster.wait_for(gone, timeout=90, interval=1, what="garbage collection of the children")
 
 
-def test_peering_keeps_one_active_operator(cluster: Any, tmp_path: Path) -> None:
-    """Two operators sharing a kopf peering: the higher priority one works, the other waits, and takes
-    over when the first one stops."""
-    ns = "kvmesh-peering"
+def test_lease_keeps_one_active_operator(cluster: Any, tmp_path: Path) -> None:
+    """Two operators electing a leader through a coordination.k8s.io Lease: the holder reconciles, the
+    other waits, and takes over (and repairs) when the leader stops and releases the Lease."""
+    ns = "kvmesh-leader"
     if cluster.kubectl("get", "namespace", ns, check=False).returncode != 0:
         cluster.kubectl("create", "namespace", ns)
-    cluster.kubectl("apply", "-f", str(CRD_FILE.parent / "kopfpeerings.kopf.dev.yaml"))
-    cluster.wait_for(lambda: established(cluster, "kopfpeerings.kopf.dev"), timeout=60, what="peering CRD")
-    cluster.apply(
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kvmesh", "namespace": ns}}
-    )
-    common = (f"--namespace={ns}", "--peering=kvmesh", "--no-autoscaler")
-    high = OperatorProcess(cluster.kubeconfig, tmp_path / "high.log", *common, "--priority=20")
-    low = OperatorProcess(cluster.kubeconfig, tmp_path / "low.log", *common, "--priority=10")
+    common = (f"--namespace={ns}", f"--leader-election={ns}/kvmesh-operator", "--no-autoscaler")
+    first = OperatorProcess(cluster.kubeconfig, tmp_path / "first.log", *common, "--leader-identity=first")
+    cluster.wait_for(lambda: "Acquired the operator Lease" in first.log(), timeout=60, what="first leads")
+    second = OperatorProcess(cluster.kubeconfig, tmp_path / "second.log", *common, "--leader-identity=second")
     try:
-        high.wait_healthy()
-        low.wait_healthy()
-
-        def peers() -> int:
-            peering = get(cluster, "kopfpeering", "kvmesh", namespace=ns) or {}
-            return len(peering.get("status") or {})
-
-        cluster.wait_for(lambda: peers() == 2, timeout=60, what="both operators in the peering")
-        time.sleep(2)  # the low one sees the high one's entry and pauses
-        obj = inference_deployment("peered")
+        first.wait_healthy()
+        cluster.wait_for(lambda: "Waiting for the operator Lease" in second.log(), timeout=60, what="standby")
+        lease = get(cluster, "lease", "kvmesh-operator", namespace=ns)
+        assert lease["spec"]["holderIdentity"] == "first"
+        obj = inference_deployment("elected")
         obj["metadata"]["namespace"] = ns
         cluster.apply(obj)
-        cluster.wait_for(lambda: get(cluster, "deployment", "peered-worker", namespace=ns), timeout=60)
-        assert "Applied InferenceDeployment children" in high.log()
-        assert "Applied InferenceDeployment children" not in low.log()
-        high.stop()
-        cluster.kubectl("delete", "service", "peered-worker", "-n", ns)
-        cluster.wait_for(lambda: "Resuming operations" in low.log(), timeout=90, what="low resumes")
-        cluster.wait_for(lambda: get(cluster, "service", "peered-worker", namespace=ns), timeout=60)
+        cluster.wait_for(lambda: get(cluster, "deployment", "elected-worker", namespace=ns), timeout=60)
+        assert "Applied InferenceDeployment children" in first.log()
+        assert "Applied InferenceDeployment children" not in second.log()
+        first.stop()  # SIGTERM: releases the Lease, so the standby need not wait for it to expire
+        cluster.kubectl("delete", "service", "elected-worker", "-n", ns)
+        cluster.wait_for(lambda: "Acquired the operator Lease" in second.log(), timeout=30, what="takeover")
+        cluster.wait_for(lambda: get(cluster, "service", "elected-worker", namespace=ns), timeout=60)
+        lease = get(cluster, "lease", "kvmesh-operator", namespace=ns)
+        assert lease["spec"]["holderIdentity"] == "second" and lease["spec"]["leaseTransitions"] >= 1
     finally:
-        high.stop()
-        low.stop()
-        print(high.log()[-3000:], low.log()[-3000:])
+        first.stop()
+        second.stop()
+        print(first.log()[-3000:], second.log()[-3000:])
+
+
+def test_same_names_in_two_namespaces_are_two_pools(
+    cluster: Any, operator: Any, redis_server: RedisServer
+) -> None:
+    """Load reported for `pool` in another namespace never scales this namespace's `pool`."""
+    cluster.apply(
+        inference_deployment(
+            "pool", replicas=1, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 4,
+                                             "target": {"metric": "queueDepth", "value": 4}},
+        )
+    )  # fmt: skip
+    cluster.wait_for(lambda: get(cluster, "deployment", "pool-worker"), timeout=60, what="Deployment")
+    deadline = time.monotonic() + RESYNC * 6
+    while time.monotonic() < deadline:
+        redis_server.report("pool", {"pod-a": (40, 40, 0.9), "pod-b": (40, 40, 0.9)}, namespace="elsewhere")
+        time.sleep(0.5)
+    obj = get(cluster, crd.PLURAL, "pool")
+    assert obj["spec"]["replicas"] == 1
+    assert obj["status"]["autoscaling"]["reason"] == "NoMetrics"
+    # Its own namespace's load does scale it.
+    cluster.wait_for(
+        lambda: (
+            redis_server.report("pool", {"pod-a": (8, 8, 0.5)})
+            or get(cluster, crd.PLURAL, "pool")["spec"]["replicas"] == 4
+        ),
+        timeout=60,
+        interval=0.5,
+        what="scaled by its own load",
+    )
+    cluster.kubectl("delete", crd.PLURAL, "pool", "-n", NAMESPACE)
+
+
+def test_spec_routing_reaches_redis_and_rolls_the_gateways(
+    cluster: Any, operator: Any, redis_server: RedisServer
+) -> None:
+    """The operator publishes spec.routing where the deployment's gateways read it, and stamps its
+    hash on the gateways serving it, so a routing change restarts them with the new settings."""
+    gateway = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "routed-gateway",
+            "namespace": NAMESPACE,
+            "labels": {routing.GATEWAY_LABEL: "routed"},
+        },
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "routed-gateway"}},
+            "template": {
+                "metadata": {"labels": {"app": "routed-gateway"}},
+                "spec": {"containers": [{"name": "gateway", "image": "registry.test/kvmesh:1"}]},
+            },
+        },
+    }
+    cluster.apply(gateway)
+    cluster.apply(inference_deployment("routed", routing={"policy": "least-load", "loadFactor": 2}))
+    key = RedisKeys(f"{NAMESPACE}/routed").routing
+
+    def published(policy: str) -> dict | None:
+        fields = {k.decode(): v.decode() for k, v in redis_server.client.hgetall(key).items()}
+        return fields if fields.get("policy") == policy else None
+
+    assert cluster.wait_for(lambda: published("least-load"), timeout=60, what="published") == {
+        "policy": "least-load",
+        "load_factor": "2",
+    }
+
+    def stamped(spec: RoutingSpec) -> bool:
+        annotations = (
+            get(cluster, "deployment", "routed-gateway")["spec"]["template"]["metadata"].get("annotations")
+            or {}
+        )
+        return annotations.get(routing.ROUTING_ANNOTATION) == routing.routing_hash(spec)
+
+    cluster.wait_for(lambda: stamped(RoutingSpec("least-load", 2.0)), timeout=30, what="gateway stamped")
+    cluster.kubectl(
+        "patch", crd.PLURAL, "routed", "-n", NAMESPACE, "--type=merge",
+        "-p", json.dumps({"spec": {"routing": {"policy": "round-robin"}}}),
+    )  # fmt: skip
+    cluster.wait_for(lambda: published("round-robin"), timeout=30, what="republished")
+    cluster.wait_for(lambda: stamped(RoutingSpec("round-robin", 2.0)), timeout=30, what="gateway re-stamped")
+    # The worker Deployment did not roll for a routing change.
+    worker = get(cluster, "deployment", "routed-worker")
+    assert worker["metadata"]["generation"] == 1
+    cluster.kubectl("delete", crd.PLURAL, "routed", "-n", NAMESPACE)
+    cluster.kubectl("delete", "deployment", "routed-gateway", "-n", NAMESPACE)
 
 
 def test_operator_log_is_free_of_errors(operator: Any) -> None:

@@ -82,24 +82,24 @@ def prompt_hashes(n_blocks: int, salt: str = "") -> list[int]:
 
 
 async def test_registry_keys_and_expiry(redis_server):
-    store = RedisStore(redis_server.url, "dep-a")
+    store = RedisStore(redis_server.url, "team-1/dep-a")
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         info = WorkerInfo("w1", "127.0.0.1:1", model="m", running=3, waiting=2, kv_usage=0.5)
         assert await store.upsert_worker(info, ttl_s=0.5) is False  # first registration
         assert await store.upsert_worker(info, ttl_s=0.5) is True
         # The keys the operator's autoscaler reads.
-        fields = await raw.hgetall("kvmesh:{dep-a}:worker:w1")
+        fields = await raw.hgetall("kvmesh:{team-1/dep-a}:worker:w1")
         assert (fields["running"], fields["waiting"], float(fields["kv_usage"])) == ("3", "2", 0.5)
         assert abs(float(fields["heartbeat"]) - time.time()) < 5
-        assert 0 < await raw.pttl("kvmesh:{dep-a}:worker:w1") <= 500
-        assert await raw.smembers("kvmesh:{dep-a}:workers") == {"w1"}
+        assert 0 < await raw.pttl("kvmesh:{team-1/dep-a}:worker:w1") <= 500
+        assert await raw.smembers("kvmesh:{team-1/dep-a}:workers") == {"w1"}
         assert [w.worker_id for w in await store.list_workers()] == ["w1"]
         await asyncio.sleep(0.7)
         assert await store.list_workers() == []
-        assert await raw.smembers("kvmesh:{dep-a}:workers") == set()  # pruned by the lookup
+        assert await raw.smembers("kvmesh:{team-1/dep-a}:workers") == set()  # pruned by the lookup
         # Another deployment is invisible.
-        other = RedisStore(redis_server.url, "dep-b")
+        other = RedisStore(redis_server.url, "team-1/dep-b")
         await other.upsert_worker(WorkerInfo("w9", "x"))
         assert await store.list_workers() == []
         await other.close()
@@ -224,3 +224,82 @@ async def _view_with(store: RedisStore, hashes: list[int], matches: dict[str, in
 async def _load_is(store: RedisStore, running: int) -> bool:
     workers = await store.list_workers()
     return bool(workers) and workers[0].running == running
+
+
+async def test_same_name_in_two_namespaces_is_two_pools(redis_server):
+    """Deployments named alike in different namespaces share the chart's Redis but never a pool:
+    the gateway of one never routes to the other's workers (possibly another model)."""
+    a = RedisStore(redis_server.url, "team-a/llama")
+    b = RedisStore(redis_server.url, "team-b/llama")
+    bare = RedisStore(redis_server.url, "llama")  # kvmesh up and tests: namespace "default"
+    try:
+        await a.upsert_worker(WorkerInfo("wa", "10.0.0.1:1", model="llama-8b"))
+        await b.upsert_worker(WorkerInfo("wb", "10.0.0.2:1", model="qwen-7b"))
+        hashes = prompt_hashes(3)
+        await a.apply_blocks("wa", hashes, [])
+        assert [w.worker_id for w in await a.list_workers()] == ["wa"]
+        assert [w.worker_id for w in await b.list_workers()] == ["wb"]
+        assert await bare.list_workers() == []
+        assert (await b.lookup(hashes)).matches == {}
+        assert (await a.lookup(hashes)).matches == {"wa": 3}
+    finally:
+        for store in (a, b, bare):
+            await store.close()
+
+
+def _redis_with_password(tmp_path, password: str):
+    import shutil
+    import subprocess
+
+    from conftest import free_port, wait_for_port
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    escaped = password.replace("\\", "\\\\").replace('"', '\\"')
+    (tmp_path / "redis.conf").write_text(f'requirepass "{escaped}"\n')
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, str(tmp_path / "redis.conf"), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    wait_for_port(port, 10, proc)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+HARD_PASSWORD = 'p@ss/w:rd#?&% "q"'
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+async def test_password_from_env_or_file_with_url_reserved_characters(tmp_path, monkeypatch, source):
+    """The password reaches the store by env (or a mounted file), never through the URL: nothing
+    to URL-encode, nothing in argv, and characters like @ / : # work as they are."""
+    from kvmesh.operator.autoscaler import RedisLoadSource
+    from kvmesh.operator.routing import RoutingPublisher
+    from kvmesh.operator.spec import RoutingSpec
+
+    proc, url = _redis_with_password(tmp_path, HARD_PASSWORD)
+    try:
+        unauthenticated = RedisStore(url, "ns/d")
+        with pytest.raises(StoreError):
+            await unauthenticated.list_workers()
+        await unauthenticated.close()
+        if source == "env":
+            monkeypatch.setenv("KVMESH_REDIS_PASSWORD", HARD_PASSWORD)
+        else:
+            (tmp_path / "password").write_text(HARD_PASSWORD + "\n")  # as a mounted Secret file may end
+            monkeypatch.setenv("KVMESH_REDIS_PASSWORD_FILE", str(tmp_path / "password"))
+        store = RedisStore(url, "ns/d")
+        try:
+            await store.upsert_worker(WorkerInfo("w1", "a:1", running=2))
+            assert [w.worker_id for w in await store.list_workers()] == ["w1"]
+            # The operator's side (sync client) authenticates the same way: it reads this load and
+            # publishes the routing settings the gateway reads back.
+            assert RedisLoadSource(url).read("ns/d").running == 2
+            assert RoutingPublisher(url).publish("ns/d", RoutingSpec("least-load", 1.5))
+            assert await store.routing() == {"policy": "least-load", "load_factor": "1.5"}
+        finally:
+            await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
