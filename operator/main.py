@@ -4,10 +4,14 @@ handlers (``handlers``) and runs them. Logic lives in the domain modules."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.server
 import logging
 import os
 import socket
 import threading
+import urllib.parse
+from collections.abc import Iterator
 
 import kopf
 
@@ -104,6 +108,33 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
     return settings
 
 
+@contextlib.contextmanager
+def _standby_liveness(url: str) -> Iterator[None]:
+    """Answers the liveness endpoint while this replica waits for the Lease, so a standby is not
+    restarted by its liveness probe."""
+    if not url:
+        yield
+        return
+    parsed = urllib.parse.urlsplit(url)
+
+    class Alive(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == parsed.path else 404)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 80), Alive)
+    thread = threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def run(args: argparse.Namespace) -> int:
     fmt = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=args.verbose, log_format=fmt[args.log_format])
@@ -124,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
         elector = LeaderElector(
             kube, namespace or "default", name, args.leader_identity, lease_seconds=args.lease_seconds
         )
-        if not elector.acquire(stop):
-            return 0
+        with _standby_liveness(args.liveness):  # kopf's endpoint starts only with kopf
+            if not elector.acquire(stop):
+                return 0
         elector.keep(stop, on_lost=stop.set)
     namespaces = args.namespace
     log.info(

@@ -661,6 +661,7 @@ def test_lease_keeps_one_active_operator(cluster: Any, tmp_path: Path) -> None:
     try:
         first.wait_healthy()
         cluster.wait_for(lambda: "Waiting for the operator Lease" in second.log(), timeout=60, what="standby")
+        second.wait_healthy()  # a standby answers its liveness probe, so it is not restarted
         lease = get(cluster, "lease", "kvmesh-operator", namespace=ns)
         assert lease["spec"]["holderIdentity"] == "first"
         obj = inference_deployment("elected")
