@@ -20,7 +20,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="OpenAI-compatible HTTP API on this port (default: off; 0 picks one)",
     )  # fmt: skip
     parser.add_argument(
-        "--deployment", default="default", help="[NAMESPACE/]NAME of the deployment whose workers to route to"
+        "--deployment",
+        default="default",
+        help="[NAMESPACE/]NAME of the deployment whose workers to route to (comma-separated: several)",
     )
     parser.add_argument(
         "--redis-url",
@@ -110,14 +112,14 @@ def _number(value: str | None) -> float:
 
 
 async def _published_routing(args: argparse.Namespace) -> dict[str, str]:
-    """The deployment's spec.routing as the operator published it ({} when absent or unreachable:
-    the gateway still starts, with its defaults)."""
+    """The (first) deployment's spec.routing as the operator published it ({} when absent or
+    unreachable: the gateway still starts, with its defaults)."""
     if args.policy and args.load_factor is not None:
         return {}
     from kvmesh.store import StoreError
     from kvmesh.store.redis_store import RedisStore
 
-    store = RedisStore(args.redis_url, args.deployment, socket_timeout_s=2.0)
+    store = RedisStore(args.redis_url, args.deployment.split(",")[0], socket_timeout_s=2.0)
     try:
         return await store.routing()
     except StoreError:

@@ -35,7 +35,7 @@ PASSWORD_FILE_ENV = "KVMESH_REDIS_PASSWORD_FILE"
 def deployment_id(deployment: str) -> str:
     """``<namespace>/<name>``; a bare name is in namespace ``default`` (as kubectl reads it)."""
     namespace, _, name = deployment.rpartition("/")
-    if not name or "{" in deployment or "}" in deployment:
+    if not name or any(c in deployment for c in "{},"):
         raise ValueError(f"deployment {deployment!r} is not <name> or <namespace>/<name>")
     return f"{namespace or DEFAULT_NAMESPACE}/{name}"
 
