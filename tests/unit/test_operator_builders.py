@@ -298,3 +298,15 @@ def test_selector_string_matches_the_labels() -> None:
         builders.selector_string("llama")
         == "app.kubernetes.io/instance=llama,app.kubernetes.io/name=kvmesh-worker"
     )
+
+
+def test_the_worker_loader_reads_repo_revision_and_file_from_the_model_flag() -> None:
+    """model.revision and model.file reach the loader through --model alone (no env side channel)."""
+    from kvmesh.worker.model import loader
+
+    s = spec(model={"source": "hf://bartowski/Qwen2.5-7B-GGUF", "revision": "main", "file": "q4_k_m.gguf"})
+    arg = flag(workerpod.worker_command("q", "ns", s), "--model")
+    source = loader.locate_model(arg)
+    assert (source.kind, source.name) == ("hub", "bartowski/Qwen2.5-7B-GGUF")
+    assert loader.hub_parts(source.location) == ("bartowski/Qwen2.5-7B-GGUF", "main", "q4_k_m.gguf")
+    assert "KVMESH_MODEL" not in (REPO / "worker" / "model" / "loader.py").read_text()

@@ -95,7 +95,7 @@ def locate_model(model: str) -> ModelSource:
 
 def resolve_model(model: str) -> ModelFiles:
     """The model as a local Hugging Face directory: GGUF files converted once, Hub repositories
-    downloaded (revision and a GGUF file inside from KVMESH_MODEL_REVISION / KVMESH_MODEL_FILE)."""
+    downloaded (``hf://ORG/REPO[@REVISION][/FILE]``: everything comes from the one flag)."""
     from kvmesh.worker.model.convert import gguf_to_directory
 
     source = locate_model(model)
@@ -121,8 +121,6 @@ def _from_hub(spec: str) -> ModelFiles:
     from kvmesh.worker.model.convert import gguf_to_directory
 
     repo, revision, gguf_file = hub_parts(spec)
-    revision = revision or os.environ.get("KVMESH_MODEL_REVISION") or None
-    gguf_file = gguf_file or os.environ.get("KVMESH_MODEL_FILE") or None
     patterns = ["*.json", "*.jinja", "tokenizer*", "*.model"]
     patterns += [gguf_file] if gguf_file else ["*.safetensors"]
     try:
