@@ -70,8 +70,10 @@ def write_status(reconciler: Reconciler, body: Manifest, outcome: Outcome) -> No
             log.warning("Writing the InferenceDeployment status failed", extra={"error": str(exc)})
             return
         body.setdefault("status", {}).update(outcome.status)
-    if reconciler.is_new_error(meta["namespace"], meta["name"], outcome.error):
-        post(reconciler, meta, "Warning", "ApplyFailed", outcome.error or "")
+    # Only failures count here: a status-only event must not reset the one-warning-per-error memory
+    # that the change handler's retries rely on.
+    if outcome.error and reconciler.is_new_error(meta["namespace"], meta["name"], outcome.error):
+        post(reconciler, meta, "Warning", "ApplyFailed", outcome.error)
 
 
 def post(reconciler: Reconciler, meta: Manifest, type_: str, reason: str, message: str) -> None:
