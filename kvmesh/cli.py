@@ -12,7 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("kvmesh.gateway.up", "start a gateway and local workers on the embedded defaults"),
     "worker": ("kvmesh.worker.cli", "serve a model as a kvmesh worker"),
     "gateway": ("kvmesh.gateway.cli", "run the prefix-aware gateway"),
-    "generate": ("kvmesh.client", "send a prompt to a gateway or worker and stream the answer"),
+    "chat": ("kvmesh.chat", "talk with the served model (interactive, streaming, with history)"),
+    "generate": ("kvmesh.client", "send one prompt (a chat turn; --raw: plain text) and stream the answer"),
     "operator": ("kvmesh.operator.main", "run the Kubernetes operator"),
 }
 

@@ -1,4 +1,7 @@
-"""``kvmesh generate``: stream a completion from a gateway or a worker.
+"""``kvmesh generate``: send one prompt to a gateway or a worker and stream the answer.
+
+The prompt is a chat turn (the model's chat template applied) unless ``--raw`` asks for a plain
+completion; sampling settings left unset take the model's own defaults.
 
 Also a small async API for tests and benchmarks::
 
@@ -129,49 +132,85 @@ async def generate(
     return result
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
+def describe_error(e: grpc.RpcError, target: str) -> str:
+    """One line for a failed call; a target with nothing listening gets the likely fix."""
+    code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        s in details.lower() for s in ("connect", "refused", "unreachable", "dns", "no address")
+    ):
+        return f"error: nothing answers at {target}: is `kvmesh up` (or a worker) running there?"
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "no chat template" in details:
+        return f"error: {details} (use --raw for a plain completion)"
+    return f"error: {code.name}: {details}"
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``generate`` and ``chat``; unset ones take the model's own defaults."""
     parser.add_argument(
         "--target", default=DEFAULT_TARGET, help=f"gateway or worker host:port ({DEFAULT_TARGET})"
     )
-    parser.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    parser.add_argument("--system", default=None, help="system message for --chat")
     parser.add_argument("--model", default="", help="model name (default: the served model)")
+    parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's)")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the model's")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds, per answer")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' reads stdin")
+    add_sampling_flags(parser)
+    parser.add_argument(
+        "--raw", action="store_true", help="send the prompt as plain text to complete, not as a chat turn"
+    )
+    parser.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--cache-salt", default="")
     parser.add_argument("--request-id", default="")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
 
 
-def request_from_args(args: argparse.Namespace, prompt: str) -> inference_pb2.GenerateRequest:
-    messages = None
-    if args.chat:
+def request_from_args(
+    args: argparse.Namespace, prompt: str | None, messages: list[dict[str, str]] | None = None
+) -> inference_pb2.GenerateRequest:
+    """A request from the command line: a chat turn unless ``--raw`` (or ``messages`` given)."""
+    if messages is None and not getattr(args, "raw", False):
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": prompt})
+        messages.append({"role": "user", "content": prompt or ""})
     return build_request(
-        None if args.chat else prompt,
+        None if messages is not None else prompt,
         messages=messages,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
+        stop=getattr(args, "stop", None),
+        ignore_eos=getattr(args, "ignore_eos", False),
         model=args.model,
-        request_id=args.request_id,
-        cache_salt=args.cache_salt,
+        request_id=getattr(args, "request_id", ""),
+        cache_salt=getattr(args, "cache_salt", ""),
     )
 
 
+def read_prompt(args: argparse.Namespace) -> str | None:
+    if args.prompt not in (None, "-"):
+        return args.prompt
+    if args.prompt is None and sys.stdin.isatty():
+        return None
+    return sys.stdin.read()
+
+
 def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args)
+    if not (prompt or "").strip():
+        print("error: give a prompt (or pipe one in); for a conversation run `kvmesh chat`", file=sys.stderr)
+        return 2
+    if args.raw and args.system:
+        print("error: --system needs a chat turn; drop --raw", file=sys.stderr)
+        return 2
     wrote_text = False
 
     def write(response: inference_pb2.GenerateResponse) -> None:
@@ -189,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as e:
         if wrote_text:
             sys.stdout.write("\n")
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(describe_error(e, args.target), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

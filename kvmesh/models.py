@@ -38,3 +38,8 @@ def chat_token_ids(
     if hasattr(out, "keys") and "input_ids" in out:  # some tokenizers return a BatchEncoding
         out = out["input_ids"]
     return list(out)
+
+
+# The default model's recommended sampling (its model card: temperature 0.2, top-p 0.9). The GGUF
+# carries no generation config, so the conversion writes these into the converted directory.
+DEFAULT_MODEL_GENERATION: dict[str, float] = {"temperature": 0.2, "top_p": 0.9}

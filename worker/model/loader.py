@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -145,9 +146,29 @@ def load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class SafetensorsWeights(Mapping):
+    """The tensors of a model's *.safetensors files, each read from its memory-mapped file only
+    when asked for, so loading never holds a second full copy of the weights."""
 
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self._where = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            self._where.update((name, handle) for name in handle.keys())  # noqa: SIM118 (not iterable)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_state_dict(directory: Path) -> Mapping[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {directory}")
@@ -155,10 +176,7 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [directory / n for n in names]
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
+    return SafetensorsWeights(files)
 
 
 def _generation_config(directory: Path) -> dict:
