@@ -54,23 +54,30 @@ class TorchAttentionBackend:
 
     def _decode(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-        batch, max_len = query.shape[0], meta.max_seq_len
+        batch, num_heads, max_len = query.shape[0], query.shape[1], meta.max_seq_len
         tables = meta.block_tables[:, : -(-max_len // block_size)].reshape(-1)
         k = k_cache.index_select(0, tables).reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
         v = v_cache.index_select(0, tables).reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
-        mask = torch.arange(max_len, device=query.device)[None, :] < meta.seq_lens[:, None]
-        # Padding slots may hold anything (stale or never-written blocks); a non-finite value
-        # there would poison its row despite the mask, so clear them.
-        pad = ~mask[:, :, None, None]
-        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+        mask = None
+        seq_lens = meta.seq_lens_cpu
+        if seq_lens is None or min(seq_lens) < max_len:  # sequences of unequal length: mask the padding
+            valid = torch.arange(max_len, device=query.device)[None, :] < meta.seq_lens[:, None]
+            # Padding slots may hold anything (stale or never-written blocks); a non-finite value
+            # there would poison its row despite the mask, so clear them.
+            pad = ~valid[:, :, None, None]
+            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+            mask = valid[:, None, None, :]
+        # A decode query has no causal structure, so the heads that share a KV head attend as rows
+        # of one query against it: grouped-query attention without copying keys per head.
+        group = num_heads // num_kv_heads
         o = F.scaled_dot_product_attention(
-            query.unsqueeze(2),
-            _expand_kv(k.transpose(1, 2), query.shape[1]),
-            _expand_kv(v.transpose(1, 2), query.shape[1]),
-            attn_mask=mask[:, None, None, :],
+            query.reshape(batch, num_kv_heads, group, head_dim),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
             scale=scale,
-        )  # [B, H, 1, D]
-        return o.squeeze(2)
+        )  # [B, Hkv, G, D]
+        return o.reshape(batch, num_heads, head_dim)
 
 
 def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from kvmesh.models import chat_token_ids
 from kvmesh.worker.engine.config import EngineConfig
 from kvmesh.worker.engine.errors import EngineStopped, InvalidRequest, QueueFull
 from kvmesh.worker.engine.llm_engine import LLMEngine
-from kvmesh.worker.engine.outputs import BlockEvent, EngineStats, LoadStats, RequestOutput
+from kvmesh.worker.engine.outputs import BlockEvent, EngineStats, LoadStats, StepOutput
 from kvmesh.worker.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class AsyncEngine:
         self.vocab_size = self.engine.vocab_size
         self.tokenizer = self.engine.tokenizer
         self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._subscribers: list[BlockSubscription] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -99,7 +99,7 @@ class AsyncEngine:
         request_id: str,
         priority: int = 0,
         cache_salt: str = "",
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncIterator[StepOutput]:
         if self._stopped or self._thread is None:
             raise EngineStopped("the engine is not running")
         if request_id in self._streams:
@@ -107,7 +107,7 @@ class AsyncEngine:
         seq = self.engine.make_sequence(request_id, prompt_token_ids, params, priority, cache_salt)
         if self.engine.scheduler.num_waiting + self._inbox.qsize() >= self.config.max_waiting:
             raise QueueFull(f"{self.config.max_waiting} requests are already waiting")
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._post(("add", seq))
         finished = False
@@ -199,13 +199,13 @@ class AsyncEngine:
         for sub in self._subscribers:
             self._call(sub.queue.put_nowait, BlockEvent(stored=list(stored), removed=list(removed)))
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, out: StepOutput) -> None:
         self._call(self._put_output, out.request_id, out)
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         self._call(self._put_output, request_id, error)
 
-    def _put_output(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _put_output(self, request_id: str, item: StepOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.put_nowait(item)

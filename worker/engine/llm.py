@@ -1,15 +1,26 @@
-"""Offline batch generation: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+"""Offline batch generation, shaped like vLLM's ``LLM``::
+
+llm = LLM("default")
+out = llm.generate("The capital of France is", SamplingParams(temperature=0))
+print(out[0].outputs[0].text)
+llm.chat([{"role": "user", "content": "Hi!"}])[0].outputs[0].text
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from typing import Any
 
 from kvmesh.models import chat_token_ids
 from kvmesh.worker.engine.config import EngineConfig
 from kvmesh.worker.engine.llm_engine import LLMEngine
-from kvmesh.worker.engine.outputs import CompletionOutput
+from kvmesh.worker.engine.outputs import CompletionOutput, RequestOutput
 from kvmesh.worker.engine.sampling_params import SamplingParams
+
+# A prompt: text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}.
+Prompt = str | list[int] | dict[str, Any]
+Messages = list[dict[str, str]]
 
 
 class LLM:
@@ -18,47 +29,96 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
 
     def generate(
         self,
-        prompts: Seq[str] | Seq[list[int]],
+        prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         cache_salt: str = "",
-    ) -> list[CompletionOutput]:
-        """Runs every prompt (text or token ids) to completion, batched; outputs in prompt order."""
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = (
-            [sampling_params] * len(prompts)
-            if isinstance(sampling_params, SamplingParams)
-            else list(sampling_params)
-        )
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion, batched; one RequestOutput per prompt, in order.
+        A string (or one token-id list) is one prompt; unset sampling fields take the model's
+        defaults."""
+        return self._run([self._encode(p) for p in _as_list(prompts)], sampling_params, cache_salt)
+
+    def chat(
+        self,
+        messages: Messages | Seq[Messages],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        cache_salt: str = "",
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or several, formatted by the model's chat
+        template; one RequestOutput per conversation."""
+        if not messages:
+            raise ValueError("chat() needs at least one message")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        encoded = [(None, self.encode_chat(list(c), add_generation_prompt)) for c in conversations]
+        return self._run(encoded, sampling_params, cache_salt)
+
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def _run(
+        self,
+        prompts: list[tuple[str | None, list[int]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None,
+        cache_salt: str,
+    ) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
-        ids: list[str] = []
-        for prompt, p in zip(prompts, params):
-            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        results: list[RequestOutput] = []
+        answers: dict[str, tuple[RequestOutput, int]] = {}  # sequence id -> (its result, index)
+        for (text, token_ids), p in zip(prompts, params):
             rid = f"offline-{self._next_id}"
             self._next_id += 1
-            self.engine.add(self.engine.make_sequence(rid, token_ids, p, cache_salt=cache_salt))
-            ids.append(rid)
-        prompt_ids = {rid: list(self.engine.seqs[rid].token_ids) for rid in ids}
-        texts: dict[str, list[str]] = {rid: [] for rid in ids}
-        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-        done: dict[str, CompletionOutput] = {}
+            result = RequestOutput(rid, text, token_ids, outputs=[])
+            for i in range(p.n):
+                # n answers are n sequences; the prompt's KV blocks are shared by the prefix cache.
+                seed = None if p.seed is None else p.seed + i
+                sid = rid if p.n == 1 else f"{rid}-{i}"
+                one = replace(p, n=1, seed=seed)
+                self.engine.add(self.engine.make_sequence(sid, token_ids, one, cache_salt=cache_salt))
+                result.outputs.append(CompletionOutput(i, "", [], "", [] if p.logprobs is not None else None))
+                answers[sid] = (result, i)
+            results.append(result)
+        texts: dict[str, list[str]] = {sid: [] for sid in answers}
         while self.engine.has_work():
             for out in self.engine.step():
+                result, i = answers[out.request_id]
+                answer = result.outputs[i]
                 texts[out.request_id].append(out.text)
-                tokens[out.request_id].extend(out.token_ids)
+                answer.token_ids.extend(out.token_ids)
+                if answer.logprobs is not None and out.logprobs:
+                    answer.logprobs.extend(out.logprobs)
                 if out.finished:
-                    done[out.request_id] = CompletionOutput(
-                        request_id=out.request_id,
-                        prompt_token_ids=prompt_ids[out.request_id],
-                        text="".join(texts[out.request_id]),
-                        token_ids=tokens[out.request_id],
-                        finish_reason=out.finish_reason or "stop",
-                        cached_tokens=out.cached_tokens,
-                    )
-        return [done[rid] for rid in ids]
+                    answer.text = "".join(texts[out.request_id])
+                    answer.finish_reason = out.finish_reason or "stop"
+                    if i == 0:
+                        result.num_cached_tokens = out.cached_tokens
+        return results
+
+
+def _as_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    """A string, a dict or a flat list of token ids is one prompt; any other sequence is many."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return prompts

@@ -10,7 +10,7 @@ from kvmesh.worker.engine.config import EngineConfig
 from kvmesh.worker.engine.detokenizer import IncrementalDetokenizer
 from kvmesh.worker.engine.errors import InvalidRequest
 from kvmesh.worker.engine.model_runner import ModelRunner
-from kvmesh.worker.engine.outputs import EngineStats, LoadStats, RequestOutput
+from kvmesh.worker.engine.outputs import EngineStats, LoadStats, StepOutput
 from kvmesh.worker.engine.sampling_params import SamplingParams
 from kvmesh.worker.engine.scheduler import Scheduler
 from kvmesh.worker.engine.sequence import Sequence
@@ -28,6 +28,8 @@ class LLMEngine:
         hf_config = loader.load_config(files.directory)
         self.tokenizer = loader.load_tokenizer(files.directory)
         self.eos_token_ids = loader.eos_token_ids(hf_config, files.directory)
+        # The model's own sampling defaults, for requests that leave a setting unset (as vLLM does).
+        self.generation_defaults = loader.generation_defaults(files.directory)
         self.vocab_size = int(hf_config.vocab_size)
         self.runner = ModelRunner(config, files.directory, hf_config)
         self.block_size = config.block_size
@@ -41,7 +43,8 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.stats = EngineStats()
         log.info(
-            "Loaded model %s: %d layers, %d KV blocks of %d tokens, context %d, %s on %s",
+            "Loaded model %s: %d layers, %d KV blocks of %d tokens, context %d, %s on %s, "
+            "sampling defaults %s",
             self.model_name,
             self.runner.num_layers,
             self.runner.num_blocks,
@@ -49,6 +52,7 @@ class LLMEngine:
             self.max_model_len,
             self.runner.dtype,
             self.runner.device,
+            self.generation_defaults or "neutral",
         )
 
     # -- requests --------------------------------------------------------
@@ -71,6 +75,7 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens but the context holds {self.max_model_len}, "
                 "leaving no room to generate"
             )
+        params = params.with_defaults(self.generation_defaults)
         params.validate(self.vocab_size, self.max_model_len)
         seq = Sequence(
             request_id=request_id,
@@ -91,7 +96,7 @@ class LLMEngine:
         )
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> StepOutput | None:
         seq = self.seqs.get(request_id)
         if seq is None:
             return None
@@ -112,7 +117,7 @@ class LLMEngine:
         )
 
     # -- the step --------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[StepOutput]:
         out = self.scheduler.schedule()
         self.stats.preemptions = self.scheduler.num_preemptions
         if not out.seqs:
@@ -153,8 +158,8 @@ class LLMEngine:
             return "length"
         return None
 
-    def _delta(self, seq: Sequence, text: str, token_ids: list[int]) -> RequestOutput:
-        return RequestOutput(
+    def _delta(self, seq: Sequence, text: str, token_ids: list[int]) -> StepOutput:
+        return StepOutput(
             request_id=seq.request_id,
             text=text,
             token_ids=token_ids,
@@ -163,7 +168,7 @@ class LLMEngine:
             cached_tokens=max(seq.num_cached_tokens, 0),
         )
 
-    def _finish(self, seq: Sequence, token_ids: list[int]) -> RequestOutput:
+    def _finish(self, seq: Sequence, token_ids: list[int]) -> StepOutput:
         detok = self.detokenizers.pop(seq.request_id)
         del self.seqs[seq.request_id]
         self.stats.finished_requests += 1

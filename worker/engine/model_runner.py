@@ -12,7 +12,7 @@ from kvmesh.worker.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kvmesh.worker.engine.sampler import sample
 from kvmesh.worker.engine.scheduler import SchedulerOutput
 from kvmesh.worker.model import loader
-from kvmesh.worker.model.llama import LlamaForCausalLM
+from kvmesh.worker.model.llama import build_model
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,18 @@ class ModelRunner:
         model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
         self.max_positions = min(config.max_model_len or model_max, model_max)
         torch.manual_seed(config.seed)
-        with torch.device(self.device):
-            self.model = LlamaForCausalLM(hf_config, self.backend, self.max_positions)
+        self.model = build_model(hf_config, self.backend, self.max_positions, self.device, self.dtype)
         self.model.load_weights(loader.load_state_dict(model_dir))
-        self.model.to(self.dtype).eval()
+        self.model.eval()
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_layers = len(self.model.layers)
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
-        # One pool: [2 (k, v), layers, blocks, block_size, kv_heads, head_dim].
-        self.kv_cache = torch.zeros(
+        # One pool: [2 (k, v), layers, blocks, block_size, kv_heads, head_dim]. On the CPU it is
+        # left uninitialized: the kernel hands out zero pages as blocks are first written, so the
+        # pool takes resident memory as the cache fills, not all at start.
+        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
+        self.kv_cache = alloc(
             2,
             self.num_layers,
             self.num_blocks,

@@ -15,8 +15,8 @@ class TokenLogprobs:
 
 
 @dataclass(slots=True)
-class RequestOutput:
-    """One streamed delta of a request; the last one has ``finished`` set."""
+class StepOutput:
+    """One streamed delta of a request from an engine step; the last one has ``finished`` set."""
 
     request_id: str
     text: str  # new text since the previous delta, whole UTF-8 characters only
@@ -31,14 +31,43 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class CompletionOutput:
-    """A whole generation, from the offline ``LLM.generate``."""
+    """One generated sequence of a prompt (``n`` of them per prompt), shaped like vLLM's."""
 
-    request_id: str
-    prompt_token_ids: list[int]
+    index: int
     text: str
     token_ids: list[int]
-    finish_reason: str
-    cached_tokens: int = 0
+    finish_reason: str  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """Everything the offline ``LLM`` returns for one prompt, shaped like vLLM's: the answers
+    are in ``outputs`` (``outputs[0].text``)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    finished: bool = True
+
+    # Shortcuts to the first (often the only) answer.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.num_cached_tokens
 
 
 @dataclass(slots=True)

@@ -6,6 +6,8 @@ loader builds: ``qkv_proj`` (q, k, v stacked) and ``gate_up_proj``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -102,7 +104,7 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return logits.float() if out is None else out.copy_(logits)
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copies a transformers state dict in, fusing q/k/v and gate/up."""
         own = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -125,17 +127,30 @@ class LlamaForCausalLM(nn.Module):
                 if all(t is not None for t in parts):
                     put(f"layers.{i}.mlp.gate_up_proj.{kind}", torch.cat(parts))
             del layer
-        for name, tensor in state.items():
+        for name in state:  # names first: a lazy state reads only the tensors it copies
             if not name.startswith("model.") and not name.startswith("lm_head."):
                 continue
             short = name.removeprefix("model.")
             if short in own and short not in loaded:
-                put(short, tensor)
+                put(short, state[name])
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")
         missing = sorted(set(own) - loaded)
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {missing[:8]}")
+
+
+def build_model(config, backend: AttentionBackend, max_positions: int, device, dtype) -> LlamaForCausalLM:
+    """The model with its parameters allocated once, in ``dtype`` on ``device``, and left
+    uninitialized: ``load_weights`` fills every one (no random init, no float32 copy first)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend, max_positions).to(dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty moves meta parameters one by one: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    with torch.device(device):  # the RoPE tables are plain tensors, built where they are used
+        model.rotary = RotaryEmbedding(config, model.layers[0].self_attn.head_dim, max_positions)
+    return model
 
 
 def _attention_biases(config) -> tuple[bool, bool]:

@@ -1,0 +1,135 @@
+"""One greedy stream of the embedded model on the CPU: kvmesh's engine against transformers'
+``generate()`` on the same GGUF, each in a fresh process, run in turn (A B A B ...).
+
+Both decode the same chat prompt greedily for ``--tokens`` tokens (EOS ignored) with the same
+thread count. Decode speed is measured from the first token to the last (prefill excluded);
+resident memory is the process's own after the run. Prints one table of medians.
+
+    python bench/cpu_decode.py                       # 3 rounds, 128 tokens, 2 threads
+    python bench/cpu_decode.py --rounds 5 --tokens 256 --threads 1
+    python bench/cpu_decode.py --one kvmesh          # a single measurement, as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def measure_kvmesh(tokens: int) -> dict:
+    from kvmesh.worker import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM("default")
+    load_s = time.perf_counter() - start
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    prompt = llm.encode_chat([{"role": "user", "content": PROMPT}])
+    engine = llm.engine
+    engine.add(engine.make_sequence("bench", prompt, params))
+    times = []
+    while engine.has_work():
+        engine.step()
+        times.append(time.perf_counter())
+    return {"load_s": load_s, "prompt_tokens": len(prompt), "token_times": times}
+
+
+def measure_transformers(tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    from kvmesh.models import default_gguf_path
+
+    gguf = default_gguf_path()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    load_s = time.perf_counter() - start
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    times: list[float] = []
+
+    class Clock(TextStreamer):  # put() is called once with the prompt, then once per new token
+        def put(self, value):
+            times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=4, **greedy)  # warm-up
+        model.generate(
+            prompt, max_new_tokens=tokens, min_new_tokens=tokens, streamer=Clock(tokenizer), **greedy
+        )
+    return {"load_s": load_s, "prompt_tokens": int(prompt.shape[1]), "token_times": times[1:]}
+
+
+def one(engine: str, tokens: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    result = (measure_kvmesh if engine == "kvmesh" else measure_transformers)(tokens)
+    times = result.pop("token_times")
+    result["decode_tok_s"] = (len(times) - 1) / (times[-1] - times[0])
+    result["tokens"] = len(times)
+    result["rss_mib"], result["peak_rss_mib"] = rss_mib()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", choices=["kvmesh", "transformers"], help="measure once, print JSON")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.tokens, args.threads)))
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    runs: dict[str, list[dict]] = {"kvmesh": [], "transformers": []}
+    for _ in range(args.rounds):
+        for engine in runs:
+            cmd = [sys.executable, __file__, "--one", engine, "--tokens", str(args.tokens)]
+            cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            runs[engine].append(json.loads(out.strip().splitlines()[-1]))
+    base = statistics.median(r["decode_tok_s"] for r in runs["transformers"])
+    print(f"{args.rounds} rounds, {args.tokens} greedy tokens, {args.threads} threads, medians")
+    print(f"{'engine':<14}{'decode tok/s':>14}{'min..max':>16}{'vs HF':>8}{'RSS MiB':>10}{'peak MiB':>10}"
+          f"{'load s':>8}")  # fmt: skip
+    for engine, rs in runs.items():
+        speeds = [r["decode_tok_s"] for r in rs]
+        speed = statistics.median(speeds)
+        print(
+            f"{engine:<14}{speed:>14.1f}{f'{min(speeds):.1f}..{max(speeds):.1f}':>16}{speed / base:>8.2f}"
+            f"{statistics.median(r['rss_mib'] for r in rs):>10.0f}"
+            f"{statistics.median(r['peak_rss_mib'] for r in rs):>10.0f}"
+            f"{statistics.median(r['load_s'] for r in rs):>8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
