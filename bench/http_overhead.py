@@ -12,9 +12,11 @@ worker's own noise falls on all of them alike:
 
 Prints one table: p50/p90/p99 latency per path and each path's p50 added over ``grpc gateway``.
 Client costs are included (the grpc and aiohttp client libraries differ), so the HTTP column is an
-upper bound on what the gateway's HTTP front adds.
+upper bound on what the gateway's HTTP front adds. ``--tiny`` serves a random-weight two-layer Llama
+with SmolLM2's tokenizer instead, so the model's own time (and its noise on a busy CPU) stays small
+next to the fronts' costs.
 
-    .venv/bin/python bench/http_overhead.py --requests 400
+    .venv/bin/python bench/http_overhead.py --requests 400 --tiny
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +94,25 @@ async def one_http(session: aiohttp.ClientSession, url: str, stream: bool) -> No
                 return
 
 
+def tiny_model(path: Path) -> Path:
+    """A random-weight two-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from kvmesh.worker.model.loader import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default").directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -150,8 +172,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400, help="measured requests per path")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured requests per path first")
     parser.add_argument("--worker-arg", action="append", default=[], help="extra flag for the worker")
+    parser.add_argument("--tiny", action="store_true", help="serve a random-weight two-layer Llama")
     args = parser.parse_args()
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    if args.tiny:
+        directory = tiny_model(Path(tempfile.mkdtemp(prefix="kvmesh-tiny-")))
+        args.worker_arg += ["--model", str(directory), "--served-model-name", "tiny"]
     worker_port, gateway_port, http_port = free_port(), free_port(), free_port()
     worker = start(
         ["worker", "--port", str(worker_port), "--worker-id", "bench-w", "--num-blocks", "256",
@@ -173,8 +199,11 @@ def main() -> int:
         for proc in (gateway, worker):
             proc.terminate()
             proc.wait(30)
+    model = (
+        "tiny random Llama (2 layers, hidden 64)" if args.tiny else "as --worker-arg says (default SmolLM2)"
+    )
     print(f"requests={args.requests} warmup={args.warmup} prompt_tokens={len(PROMPT_IDS)} max_tokens=1 "
-          f"cpus={os.cpu_count()} worker_args={' '.join(args.worker_arg) or '-'}")  # fmt: skip
+          f"cpus={os.cpu_count()} model={model}")  # fmt: skip
     print(table(samples))
     return 0
 

@@ -272,7 +272,7 @@ async def test_list_models_tokenize_and_reflection(channel, worker) -> None:
     assert len(chat_ids) > len(text_ids)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Tokenize(inference_pb2.TokenizeRequest(model="nope", text=PROMPT), timeout=10)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
     named = await generate(channel, build_request(PROMPT, model=model.id, max_tokens=2), timeout=60)
     assert named.completion_tokens >= 1
