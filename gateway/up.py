@@ -35,6 +35,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metrics-port", type=int, default=0, help="gateway /metrics port (0: off)")
     parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="gateway's OpenAI HTTP API port (default 8000; 0 picks one)",
+    )
+    parser.add_argument(
         "--worker-metrics-port", type=int, default=0,
         help="first worker's /metrics port; worker i gets this + i (0: off)",
     )  # fmt: skip
@@ -160,6 +166,7 @@ async def _up(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         deployment="local",
         workers=[address for _, address in children],
         policy=args.policy,
@@ -185,6 +192,7 @@ async def _up(args: argparse.Namespace) -> int:
         for i, port in enumerate(worker_metrics_ports(args)):
             if port:
                 print(f"  worker local-{i} metrics: http://127.0.0.1:{port}/metrics")
+        print(f"OpenAI API at http://{args.host}:{gateway.http_port}/v1", flush=True)
         print(f"Try: kvmesh chat --target {address}", flush=True)
         if not args.no_sample:
             await sample_generation(address)
@@ -208,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     args.worker_arg, port = split_metrics_port(args.worker_arg)
     args.worker_metrics_port = args.worker_metrics_port or port
-    ports = {"--port": args.port, "--metrics-port": args.metrics_port}
+    ports = {"--port": args.port, "--metrics-port": args.metrics_port, "--http-port": args.http_port}
     ports |= {f"worker {i} metrics": p for i, p in enumerate(worker_metrics_ports(args))}
     from kvmesh.ports import taken_ports_error
     from kvmesh.worker.model.loader import ModelNotFound, locate_model

@@ -4,6 +4,7 @@ its children on SIGTERM."""
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -52,7 +53,7 @@ def read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
 def test_up_serves_shows_a_generation_and_stops_cleanly(worker_launcher):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmesh.cli", "up", "--workers", "1", "--port", "0",
+        [sys.executable, "-m", "kvmesh.cli", "up", "--workers", "1", "--port", "0", "--http-port", "0",
          "--worker-arg=--num-blocks", "--worker-arg=64"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -61,6 +62,8 @@ def test_up_serves_shows_a_generation_and_stops_cleanly(worker_launcher):
         assert "kvmesh gateway listening on 127.0.0.1:" in output
         assert "Paris" in output  # the sample generation, greedy
         assert "(served by local-0)" in output
+        base_url = re.search(r"OpenAI API at (http://\S+/v1)", output).group(1)
+        check_openai_api(base_url)
         workers = children_of(proc.pid)
         assert workers, "no worker process"
         proc.send_signal(signal.SIGTERM)
@@ -71,6 +74,26 @@ def test_up_serves_shows_a_generation_and_stops_cleanly(worker_launcher):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def check_openai_api(base_url: str) -> None:
+    """The OpenAI client and curl against the gateway ``kvmesh up`` started."""
+    import openai
+
+    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120) as client:
+        answer = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", max_tokens=12, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )  # fmt: skip
+        assert "Paris" in answer.choices[0].message.content
+        assert answer.usage.prompt_tokens_details.cached_tokens >= 16  # the sample's prefix, routed to it
+    out = subprocess.run(
+        ["curl", "-sS", "-N", f"{base_url}/completions", "-d",
+         '{"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "stream": true}'],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    events = [line for line in out.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and "Paris" in "".join(events)
 
 
 def _alive(pid: int) -> bool:
