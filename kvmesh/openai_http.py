@@ -22,6 +22,7 @@ from aiohttp import web
 from kvmesh.openai_api import ParsedRequest, parse_chat, parse_completion
 from kvmesh.openai_responses import ChoiceState, Formatter, error_body, grpc_error
 from kvmesh.requests import RequestError
+from kvmesh.streams import merge
 from kvmesh.v1 import inference_pb2 as pb
 
 log = logging.getLogger("kvmesh.openai_http")
@@ -226,44 +227,3 @@ async def read_json(request: web.Request) -> Any:
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not valid JSON: {e}"
         ) from e
-
-
-async def merge(
-    streams: dict[int, AsyncIterator[pb.GenerateResponse]],
-) -> AsyncIterator[tuple[int, pb.GenerateResponse, dict[str, str]]]:
-    """Interleaves the choices' streams as messages arrive; one stream's error ends them all."""
-    if len(streams) == 1:  # the common case: no tasks, no queue
-        ((index, stream),) = streams.items()
-        try:
-            async for response in stream:
-                yield index, response, getattr(stream, "headers", None) or {}
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[pb.GenerateResponse]) -> None:
-        try:
-            async for response in stream:
-                queue.put_nowait((index, response))
-            queue.put_nowait((index, None))
-        except Exception as e:
-            queue.put_nowait((index, e))
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in streams.items()]
-    try:
-        live = len(tasks)
-        while live:
-            index, item = await queue.get()
-            if item is None:
-                live -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item, getattr(streams[index], "headers", None) or {}
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
