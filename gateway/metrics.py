@@ -1,5 +1,6 @@
 """The gateway's Prometheus metrics, on a registry of its own (several gateways may share a process
-in tests and ``kvmesh up``)."""
+in tests and ``kvmesh up``). Named in the workers' style (``kvmesh:`` then the name, as vLLM's
+``vllm:``), with ``gateway_`` saying which part reports them."""
 
 from __future__ import annotations
 
@@ -14,49 +15,49 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.decisions = Counter(
-            "kvmesh_gateway_routing_decisions", "Routing decisions by policy and outcome",
+            "kvmesh:gateway_routing_decisions", "Routing decisions by policy and outcome",
             ["policy", "outcome"], registry=r,
         )  # fmt: skip
         self.matched_tokens = Histogram(
-            "kvmesh_gateway_matched_prefix_tokens", "Prompt tokens the chosen worker was believed to hold",
+            "kvmesh:gateway_matched_prefix_tokens", "Prompt tokens the chosen worker was believed to hold",
             buckets=TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
         self.routing_latency = Histogram(
-            "kvmesh_gateway_routing_latency_seconds",
+            "kvmesh:gateway_routing_latency_seconds",
             "Hashing, store lookup and choice of a worker (tokenization excluded)",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inflight = Gauge(
-            "kvmesh_gateway_worker_inflight", "Requests in flight per worker", ["worker"], registry=r
+            "kvmesh:gateway_worker_inflight", "Requests in flight per worker", ["worker"], registry=r
         )
         self.store_errors = Counter(
-            "kvmesh_gateway_store_errors", "Metadata store failures by operation", ["op"], registry=r
+            "kvmesh:gateway_store_errors", "Metadata store failures by operation", ["op"], registry=r
         )
         self.degraded = Gauge(
-            "kvmesh_gateway_store_degraded",
+            "kvmesh:gateway_store_degraded",
             "1 while routing on local state because the store is down",
             registry=r,
         )
         self.retries = Counter(
-            "kvmesh_gateway_retries", "Requests retried on another worker before their first token",
+            "kvmesh:gateway_retries", "Requests retried on another worker before their first token",
             ["code"], registry=r,
         )  # fmt: skip
         self.requests = Counter(
-            "kvmesh_gateway_requests", "Finished requests by gRPC code", ["code"], registry=r
+            "kvmesh:gateway_requests", "Finished requests by gRPC code", ["code"], registry=r
         )
         self.expected_cached = Counter(
-            "kvmesh_gateway_expected_cached_tokens", "Prompt tokens the index said the chosen worker held",
+            "kvmesh:gateway_expected_cached_tokens", "Prompt tokens the index said the chosen worker held",
             registry=r,
         )  # fmt: skip
         self.actual_cached = Counter(
-            "kvmesh_gateway_actual_cached_tokens", "Prompt tokens the workers reused (usage.cached_tokens)",
+            "kvmesh:gateway_actual_cached_tokens", "Prompt tokens the workers reused (usage.cached_tokens)",
             registry=r,
         )  # fmt: skip
         self.overestimates = Counter(
-            "kvmesh_gateway_prefix_overestimates", "Requests whose worker reused less than predicted",
+            "kvmesh:gateway_prefix_overestimates", "Requests whose worker reused less than predicted",
             registry=r,
         )  # fmt: skip
-        self.workers = Gauge("kvmesh_gateway_workers", "Workers in the routing pool", registry=r)
+        self.workers = Gauge("kvmesh:gateway_workers", "Workers in the routing pool", registry=r)
         self._server = None
 
     def serve(self, host: str, port: int) -> int:

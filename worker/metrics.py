@@ -4,7 +4,9 @@ Gauges and counters that the engine already keeps (load, token and prefix-cache
 counters, preemptions) are read from ``engine.load()`` / ``engine.stats()`` at
 scrape time by a collector, so there is one source of truth and no polling task.
 Per-request latencies (TTFT, time per output token, end-to-end) and outcomes are
-observed by the gRPC server as requests finish.
+observed by the gRPC server as requests finish; the request phases vLLM reports (queue,
+prefill, decode and inference time, inter-token latency, tokens per iteration, prompt and
+generation lengths) are observed by the engine itself through ``EngineSink``, from its thread.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from kvmesh.worker.engine_metrics import EngineSink
 
 logger = logging.getLogger("kvmesh.worker.metrics")
 
@@ -167,12 +171,17 @@ class WorkerMetrics:
             LABELS,
             registry=self.registry,
         )
+        self.engine_sink = EngineSink(self.registry)
         self._httpd: Any = None
 
     def bind(self, engine: _EngineLike) -> None:
         """Starts reporting the engine's gauges and counters (once its model is loaded)."""
         self.model_name = engine.model_name
         self._engine_collector.engine = engine
+        core = getattr(engine, "engine", engine)  # an AsyncEngine wraps the LLMEngine that steps
+        if hasattr(core, "metrics_sink"):
+            self.engine_sink.model_name = engine.model_name
+            core.metrics_sink = self.engine_sink
 
     def observe_first_token(self, ttft: float) -> None:
         self.ttft.labels(self.model_name).observe(ttft)

@@ -243,9 +243,9 @@ async def test_saturated_workers_answer_resource_exhausted_and_metrics_show_it(w
                 urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
             )
         )
-        assert 'kvmesh_gateway_routing_decisions_total{outcome="exhausted",policy="prefix"} 1.0' in text
-        assert "kvmesh_gateway_routing_latency_seconds_bucket" in text
-        assert 'kvmesh_gateway_requests_total{code="RESOURCE_EXHAUSTED"} 1.0' in text
+        assert 'kvmesh:gateway_routing_decisions_total{outcome="exhausted",policy="prefix"} 1.0' in text
+        assert "kvmesh:gateway_routing_latency_seconds_bucket" in text
+        assert 'kvmesh:gateway_requests_total{code="RESOURCE_EXHAUSTED"} 1.0' in text
     finally:
         await gateway.stop(1)
 

@@ -16,11 +16,17 @@ from kvmesh.worker.attention.metadata import AttentionMetadata
 class TorchAttentionBackend:
     name = "torch"
 
+    def __init__(self) -> None:
+        self._checked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         flat_k = k_cache.view(-1, *k_cache.shape[2:])
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        valid = slot_mapping >= 0
-        if not bool(valid.all()):
+        if self._checked is None or self._checked[0] is not slot_mapping:  # once per step, not per layer
+            valid = slot_mapping >= 0
+            self._checked = (slot_mapping, None if bool(valid.all()) else valid)
+        valid = self._checked[1]
+        if valid is not None:  # padding slots (-1) are skipped
             key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
         flat_k.index_copy_(0, slot_mapping, key)
         flat_v.index_copy_(0, slot_mapping, value)

@@ -14,6 +14,7 @@ from typing import Any
 
 from kvmesh.models import chat_token_ids
 from kvmesh.worker.engine.config import EngineConfig
+from kvmesh.worker.engine.errors import InvalidRequest
 from kvmesh.worker.engine.llm_engine import LLMEngine
 from kvmesh.worker.engine.outputs import CompletionOutput, RequestOutput
 from kvmesh.worker.engine.sampling_params import SamplingParams
@@ -85,6 +86,8 @@ class LLM:
         results: list[RequestOutput] = []
         answers: dict[str, tuple[RequestOutput, int]] = {}  # sequence id -> (its result, index)
         for (text, token_ids), p in zip(prompts, params):
+            if not isinstance(p.n, int) or p.n < 1:
+                raise InvalidRequest(f"n must be >= 1, got {p.n}")
             rid = f"offline-{self._next_id}"
             self._next_id += 1
             result = RequestOutput(rid, text, token_ids, outputs=[])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Protocol
 
 from kvmesh.prefix import root_hash
 from kvmesh.worker.engine.block_manager import BlockManager
@@ -17,6 +19,14 @@ from kvmesh.worker.engine.sequence import Sequence
 from kvmesh.worker.model import loader
 
 log = logging.getLogger(__name__)
+
+
+class MetricsSink(Protocol):
+    """Observes the engine from its own thread: per step, and per request as it finishes."""
+
+    def on_step(self, num_tokens: int, inter_token_latencies: list[float]) -> None: ...
+
+    def on_finished(self, seq: Sequence) -> None: ...
 
 
 class LLMEngine:
@@ -42,6 +52,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.stats = EngineStats()
+        self.metrics_sink: MetricsSink | None = None  # set by the worker's metrics to observe phases
         log.info(
             "Loaded model %s: %d layers, %d KV blocks of %d tokens, context %d, %s on %s, "
             "sampling defaults %s",
@@ -94,6 +105,7 @@ class LLMEngine:
         self.detokenizers[seq.request_id] = IncrementalDetokenizer(
             self.tokenizer, seq.token_ids, seq.params.stop
         )
+        seq.added_time = time.monotonic()
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> StepOutput | None:
@@ -122,7 +134,10 @@ class LLMEngine:
         self.stats.preemptions = self.scheduler.num_preemptions
         if not out.seqs:
             return []
+        now = time.monotonic()
         for seq in out.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             if not seq.counted:
                 seq.counted = True
                 self.stats.prompt_tokens += seq.num_prompt_tokens
@@ -130,6 +145,13 @@ class LLMEngine:
                 self.stats.prefix_cache_hits += seq.num_cached_tokens
         self.stats.model_tokens += out.total_tokens
         sampled, tokens, logprobs = self.runner.execute(out)
+        now = time.monotonic()
+        if self.metrics_sink is not None:
+            gaps = [now - s.last_token_time for s in sampled if s.last_token_time is not None]
+            self.metrics_sink.on_step(out.total_tokens, gaps)
+        for seq in sampled:
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
         for seq, n in zip(out.seqs, out.num_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_computed(seq)
@@ -172,6 +194,8 @@ class LLMEngine:
         detok = self.detokenizers.pop(seq.request_id)
         del self.seqs[seq.request_id]
         self.stats.finished_requests += 1
+        if self.metrics_sink is not None:
+            self.metrics_sink.on_finished(seq)
         out = self._delta(seq, detok.take(final=True), token_ids)
         out.finished, out.finish_reason = True, seq.finish_reason
         return out

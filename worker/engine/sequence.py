@@ -29,6 +29,11 @@ class Sequence:
     counted: bool = False  # admission already counted in the engine's statistics
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    # Monotonic times for the request-phase metrics (queue, prefill, decode, inter-token).
+    added_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

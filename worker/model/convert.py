@@ -14,6 +14,7 @@ import hashlib
 import logging
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +34,21 @@ def converted_path(gguf: Path) -> Path:
     st = gguf.stat()
     identity = f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}:{FORMAT}"
     return cache_root() / "models" / f"{gguf.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def ensure_converted(gguf: Path) -> Path:
+    """The converted directory, converting in a child process when it is missing: the conversion's
+    memory (a whole float32 model through transformers) never stays in the caller, and Ctrl-C
+    reaches the child, which removes its work and exits at once."""
+    target = converted_path(gguf)
+    if (target / "config.json").is_file():
+        return target
+    code = subprocess.run([sys.executable, "-m", "kvmesh.worker.model.convert", str(gguf)]).returncode
+    if code in (130, -signal.SIGINT, -signal.SIGTERM):
+        raise KeyboardInterrupt
+    if code != 0 or not (target / "config.json").is_file():
+        raise RuntimeError(f"converting {gguf} failed (exit status {code}; its output is above)")
+    return target
 
 
 def gguf_to_directory(gguf: Path) -> Path:
@@ -109,19 +125,22 @@ def sampling_defaults(gguf: Path) -> dict[str, float | int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Resolves (converts or downloads) one model; prints one line of progress per stage."""
-    from kvmesh.worker.model.loader import ModelNotFound, resolve_model
+    from kvmesh.worker.model.loader import ModelNotFound, locate_model, resolve_model
 
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level="INFO", stream=sys.stdout, format="%(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM as on Ctrl-C
+    model = argv[0] if argv else "default"
     try:
-        files = resolve_model(argv[0] if argv else "default")
+        source = locate_model(model)
+        files = resolve_model(model) if source.kind != "gguf" else None
+        directory = files.directory if files else gguf_to_directory(Path(source.location))
     except ModelNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    print(f"Model ready: {files.directory}", flush=True)
+    print(f"Model ready: {directory}", flush=True)
     return 0
 
 

@@ -80,6 +80,8 @@ class RotaryEmbedding(nn.Module):
         self.sin = emb.sin() * scaling
         half = head_dim // 2
         self.cos_sin = torch.cat((self.cos[:, :half], self.sin[:, :half]), dim=-1)  # the GPU kernel's table
+        self._rows_for: torch.Tensor | None = None  # the CPU path's rows of one step, gathered once
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q ``[T, H, D]``, k ``[T, Hkv, D]``; returns both rotated, in their dtype."""
@@ -88,8 +90,10 @@ class RotaryEmbedding(nn.Module):
 
             apply_rotary(positions, q, k, self.cos_sin)
             return q, k
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        if positions is not self._rows_for:  # every layer of a step passes the same positions
+            self._rows_for = positions
+            self._rows = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        cos, sin = self._rows
         q_out = q.float() * cos + _rotate_half(q.float()) * sin
         k_out = k.float() * cos + _rotate_half(k.float()) * sin
         return q_out.to(q.dtype), k_out.to(k.dtype)

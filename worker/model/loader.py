@@ -97,13 +97,13 @@ def locate_model(model: str) -> ModelSource:
 def resolve_model(model: str) -> ModelFiles:
     """The model as a local Hugging Face directory: GGUF files converted once, Hub repositories
     downloaded (``hf://ORG/REPO[@REVISION][/FILE]``: everything comes from the one flag)."""
-    from kvmesh.worker.model.convert import gguf_to_directory
+    from kvmesh.worker.model.convert import ensure_converted
 
     source = locate_model(model)
     if source.kind == "directory":
         return ModelFiles(Path(source.location), source.name)
     if source.kind == "gguf":
-        return ModelFiles(gguf_to_directory(Path(source.location)), source.name)
+        return ModelFiles(ensure_converted(Path(source.location)), source.name)
     return _from_hub(source.location)
 
 
@@ -119,7 +119,7 @@ def _from_hub(spec: str) -> ModelFiles:
     ``ORG/REPO[@REVISION][/FILE.gguf]``."""
     from huggingface_hub import snapshot_download
 
-    from kvmesh.worker.model.convert import gguf_to_directory
+    from kvmesh.worker.model.convert import ensure_converted
 
     repo, revision, gguf_file = hub_parts(spec)
     patterns = ["*.json", "*.jinja", "tokenizer*", "*.model"]
@@ -130,7 +130,7 @@ def _from_hub(spec: str) -> ModelFiles:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelNotFound(f"cannot fetch model {repo!r} from the Hugging Face Hub: {reason}") from e
     if gguf_file:
-        return ModelFiles(gguf_to_directory(local / gguf_file), repo)
+        return ModelFiles(ensure_converted(local / gguf_file), repo)
     return ModelFiles(local, repo)
 
 
