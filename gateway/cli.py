@@ -98,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.redis_url and not args.worker:
         print("kvmesh gateway: give --redis-url or at least one --worker", file=sys.stderr)
         return 2
+    from kvmesh.ports import taken_ports_error
+
+    ports = {"--port": args.port, "--metrics-port": args.metrics_port, "--http-port": args.http_port}
+    if error := taken_ports_error(args.host, ports):
+        print(f"kvmesh gateway: {error}", file=sys.stderr)
+        return 2
     from kvmesh.gateway.server import serve
 
     published = asyncio.run(_published_routing(args)) if args.redis_url else {}

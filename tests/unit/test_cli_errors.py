@@ -91,3 +91,12 @@ def test_generate_without_a_prompt_says_what_to_do():
     result = kvmesh("generate", stdin="")
     assert result.returncode == 2
     assert messages(result) == ["error: give a prompt (or pipe one in); for a conversation run `kvmesh chat`"]
+
+
+def test_gateway_on_a_taken_port_names_the_flag(busy_port):
+    result = kvmesh("gateway", "--worker", "127.0.0.1:1", "--metrics-port", str(busy_port))
+    assert result.returncode == 2
+    assert messages(result) == [
+        f"kvmesh gateway: port already in use on 127.0.0.1: --metrics-port {busy_port} "
+        "(another kvmesh process?); choose another"
+    ]
