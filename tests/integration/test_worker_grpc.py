@@ -350,7 +350,7 @@ async def test_not_serving_while_the_model_loads(small_worker_loading) -> None:
 def test_generate_command_streams_and_reports(worker) -> None:
     base = [sys.executable, "-m", "kvmesh.cli", "generate", "--target", worker.address]
     ok = subprocess.run(
-        [*base, "--max-tokens", "6", "--temperature", "0", PROMPT], capture_output=True, text=True
+        [*base, "--raw", "--max-tokens", "6", "--temperature", "0", PROMPT], capture_output=True, text=True
     )
     assert ok.returncode == 0, ok.stderr
     assert "Paris" in ok.stdout
