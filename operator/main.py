@@ -8,6 +8,7 @@ import contextlib
 import http.server
 import logging
 import os
+import signal
 import socket
 import threading
 import urllib.parse
@@ -108,6 +109,22 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
     return settings
 
 
+class _QuietWatch(logging.Filter):
+    """Drops kopf's "Handler ... succeeded." line for the watch handlers (one per event of every
+    InferenceDeployment and child); failures and every other line stay."""
+
+    WATCHERS = ("track", "child_changed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (
+            record.levelno <= logging.INFO
+            and message.startswith("Handler ")
+            and message.endswith("succeeded.")
+            and any(f".{name}'" in message for name in self.WATCHERS)
+        )
+
+
 @contextlib.contextmanager
 def _standby_liveness(url: str) -> Iterator[None]:
     """Answers the liveness endpoint while this replica waits for the Lease, so a standby is not
@@ -138,6 +155,9 @@ def _standby_liveness(url: str) -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     fmt = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=args.verbose, log_format=fmt[args.log_format])
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietWatch())
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's own login too
     kube = Kube.connect(args.kubeconfig)
@@ -148,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
     )
     registry = kopf.OperatorRegistry()
     register(registry, reconciler, args.resync_seconds)
-    stop = threading.Event()
+    stop = threading.Event()  # ends the Lease renewals
+    lost = threading.Event()
     elector = None
     if args.leader_election:
         namespace, _, name = args.leader_election.rpartition("/")
@@ -158,7 +179,14 @@ def run(args: argparse.Namespace) -> int:
         with _standby_liveness(args.liveness):  # kopf's endpoint starts only with kopf
             if not elector.acquire(stop):
                 return 0
-        elector.keep(stop, on_lost=stop.set)
+
+        def on_lost() -> None:
+            # Stop the way SIGTERM does: kopf finishes its handlers and returns. (kopf's stop_flag
+            # waits in an executor thread that would keep its loop from closing.)
+            lost.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        elector.keep(stop, on_lost=on_lost)
     namespaces = args.namespace
     log.info(
         "Starting kvmesh operator",
@@ -172,12 +200,10 @@ def run(args: argparse.Namespace) -> int:
             clusterwide=not namespaces,
             namespaces=namespaces,
             liveness_endpoint=args.liveness or None,
-            stop_flag=stop,
         )
     finally:
-        lost = stop.is_set()
         stop.set()
-        if elector is not None and not lost:
+        if elector is not None and not lost.is_set():
             elector.release()
     # A leader that lost its Lease exits non-zero: the kubelet restarts it as a standby.
-    return 1 if lost else 0
+    return 1 if lost.is_set() else 0

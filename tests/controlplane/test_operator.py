@@ -346,7 +346,12 @@ def test_children_are_created_with_spec_and_owner_references(cluster: Any, opera
         "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     )
     assert container["readinessProbe"]["grpc"]["port"] == 50051
-    assert container["resources"]["requests"] == {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "2Gi"}
+    sample = yaml.safe_load((SAMPLES / "smollm2-cpu.yaml").read_text())["spec"]
+    assert container["resources"]["requests"] == {
+        "cpu": str(sample["resources"]["cpu"]),
+        "memory": str(sample["resources"]["memory"]),
+        "ephemeral-storage": sample["cache"]["sizeLimit"],  # the cache emptyDir's budget
+    }
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     full = json.loads(
@@ -670,9 +675,12 @@ def test_lease_keeps_one_active_operator(cluster: Any, tmp_path: Path) -> None:
         cluster.wait_for(lambda: get(cluster, "deployment", "elected-worker", namespace=ns), timeout=60)
         assert "Applied InferenceDeployment children" in first.log()
         assert "Applied InferenceDeployment children" not in second.log()
+        stopped = time.monotonic()
         first.stop()  # SIGTERM: releases the Lease, so the standby need not wait for it to expire
+        assert first.proc.returncode == 0, first.log()[-3000:]  # exited by itself, not killed
         cluster.kubectl("delete", "service", "elected-worker", "-n", ns)
         cluster.wait_for(lambda: "Acquired the operator Lease" in second.log(), timeout=30, what="takeover")
+        assert time.monotonic() - stopped < 12, "the standby waited for expiry: the Lease was not released"
         cluster.wait_for(lambda: get(cluster, "service", "elected-worker", namespace=ns), timeout=60)
         lease = get(cluster, "lease", "kvmesh-operator", namespace=ns)
         assert lease["spec"]["holderIdentity"] == "second" and lease["spec"]["leaseTransitions"] >= 1
@@ -773,6 +781,15 @@ def test_operator_log_is_free_of_errors(operator: Any) -> None:
     log = operator.log()
     assert "Forbidden" not in log
     assert "Traceback" not in log, log[-4000:]
+    # No line per watch event: the log stays readable however busy the cluster is.
+    assert ".child_changed' succeeded" not in log and ".track' succeeded" not in log
+
+
+def test_operator_stops_promptly_on_sigterm(operator: Any) -> None:
+    """Runs last in this module: the operator exits by itself well within a pod's grace period."""
+    started = time.monotonic()
+    operator.stop()
+    assert operator.proc.returncode == 0 and time.monotonic() - started < 10, operator.log()[-3000:]
 
 
 def test_samples_parse() -> None:
