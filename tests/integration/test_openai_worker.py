@@ -104,6 +104,32 @@ def test_chat_logprobs_follow_greedy_sampling(client) -> None:
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
 
 
+async def test_logprobs_match_transformers(client, worker, smollm_dir) -> None:
+    """The worker's logprobs (sampled token and top 5) against transformers' own forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        prompt_ids = await tokenize(channel, "The capital of France is")
+    answer = await asyncio.to_thread(
+        client.completions.create, model=MODEL, prompt=prompt_ids, max_tokens=4, temperature=0, logprobs=5,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    lp = answer.choices[0].logprobs
+    generated = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    model = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + generated])).logits[0].float()
+    reference = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    for i, token in enumerate(generated):
+        assert lp.token_logprobs[i] == pytest.approx(reference[i, token].item(), abs=2e-3)
+        values, ids = reference[i].topk(5)
+        ours = {int(t.removeprefix("token_id:")): v for t, v in lp.top_logprobs[i].items()}
+        assert set(ours) == set(ids.tolist())
+        for token_id, value in zip(ids.tolist(), values.tolist()):
+            assert ours[token_id] == pytest.approx(value, abs=2e-3)
+
+
 def test_n_seeds_stop_and_echo(client) -> None:
     sampled = client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3, seed=7
