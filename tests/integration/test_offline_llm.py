@@ -41,10 +41,12 @@ def test_lists_of_strings_token_ids_and_dicts(llm):
 def test_chat_applies_the_template_for_one_or_many_conversations(llm):
     [out] = llm.chat(QUESTION, GREEDY)
     assert out.outputs[0].text == "The capital of France is Paris."
-    outs = llm.chat([QUESTION, [{"role": "user", "content": "What is the capital of Italy?"}]], GREEDY)
-    assert [o.outputs[0].text for o in outs] == [
-        "The capital of France is Paris.",
-        "The capital of Italy is Rome.",
+    assert out.prompt_token_ids == llm.encode_chat(QUESTION)
+    other = [{"role": "user", "content": "Name a colour."}]
+    both = llm.chat([QUESTION, other], GREEDY)  # batched, each answered as if alone
+    assert [o.outputs[0].token_ids for o in both] == [
+        out.outputs[0].token_ids,
+        llm.chat(other, GREEDY)[0].outputs[0].token_ids,
     ]
 
 

@@ -83,20 +83,22 @@ class RotaryEmbedding(nn.Module):
         self._rows_for: torch.Tensor | None = None  # the CPU path's rows of one step, gathered once
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q ``[T, H, D]``, k ``[T, Hkv, D]``; returns both rotated, in their dtype."""
-        if q.is_cuda:  # in place, one Triton launch for q and k
+    def forward(self, positions: torch.Tensor, qk: torch.Tensor, num_q_heads: int):
+        """``qk [T, H + Hkv, D]``: the queries' heads, then the keys'. Returns the rotated
+        ``q [T, H, D]`` and ``k [T, Hkv, D]`` in their dtype."""
+        if qk.is_cuda:  # in place, one Triton launch for q and k
             from kvmesh.worker.kernels.rotary import apply_rotary
 
+            q, k = qk.split([num_q_heads, qk.shape[1] - num_q_heads], dim=1)
             apply_rotary(positions, q, k, self.cos_sin)
             return q, k
         if positions is not self._rows_for:  # every layer of a step passes the same positions
             self._rows_for = positions
             self._rows = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         cos, sin = self._rows
-        q_out = q.float() * cos + _rotate_half(q.float()) * sin
-        k_out = k.float() * cos + _rotate_half(k.float()) * sin
-        return q_out.to(q.dtype), k_out.to(k.dtype)
+        x = qk.float()  # elementwise, so rotating q and k together rounds exactly as one by one
+        out = (x * cos + _rotate_half(x) * sin).to(qk.dtype)
+        return out.split([num_q_heads, qk.shape[1] - num_q_heads], dim=1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = _head_dim(config)
         self.layer_idx = layer_idx
         self.backend = backend
         self.scale = self.head_dim**-0.5
@@ -34,11 +34,10 @@ class Attention(nn.Module):
 
     def forward(self, positions, hidden, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        qk_size = self.q_size + self.kv_size  # queries and keys rotate together, as one tensor
+        qk = qkv[:, :qk_size].unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim))
+        v = qkv[:, qk_size:].unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k = rotary(positions, qk, self.num_heads)
         k_cache, v_cache = kv_cache[0][self.layer_idx], kv_cache[1][self.layer_idx]
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
@@ -77,7 +76,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, backend: AttentionBackend, max_positions: int) -> None:
+    def __init__(
+        self, config, backend: AttentionBackend, max_positions: int, rotary: RotaryEmbedding | None = None
+    ) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -88,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
-        self.rotary = RotaryEmbedding(config, head_dim, max_positions)
+        self.rotary = rotary or RotaryEmbedding(config, head_dim, max_positions)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -143,14 +144,18 @@ class LlamaForCausalLM(nn.Module):
 def build_model(config, backend: AttentionBackend, max_positions: int, device, dtype) -> LlamaForCausalLM:
     """The model with its parameters allocated once, in ``dtype`` on ``device``, and left
     uninitialized: ``load_weights`` fills every one (no random init, no float32 copy first)."""
+    with torch.device(device):  # the RoPE tables are plain tensors, built where they are used
+        rotary = RotaryEmbedding(config, _head_dim(config), max_positions)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions).to(dtype)
+        model = LlamaForCausalLM(config, backend, max_positions, rotary).to(dtype)
     model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty moves meta parameters one by one: tie them again
         model.lm_head.weight = model.embed_tokens.weight
-    with torch.device(device):  # the RoPE tables are plain tensors, built where they are used
-        model.rotary = RotaryEmbedding(config, model.layers[0].self_attn.head_dim, max_positions)
     return model
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _attention_biases(config) -> tuple[bool, bool]:
