@@ -12,7 +12,7 @@ import grpc
 import openai
 import pytest
 from openai_fixtures import MODEL, QUESTION, curl, error_of, grpc_tokens, sse_events
-from worker_fixtures import WORKER_ARGS
+from worker_fixtures import WORKER_ARGS, wait_idle
 
 from kvmesh.gateway.server import Gateway, GatewayOptions
 from kvmesh.v1 import inference_pb2 as pb
@@ -123,6 +123,20 @@ async def test_async_stream_with_usage_and_cached_tokens(gateway) -> None:
         json.dumps({"model": MODEL, "messages": messages, "max_tokens": 3, "stream": True}),
     )  # fmt: skip
     assert status == 200 and sse_events(body)[-1] == "[DONE]"
+
+
+async def test_client_hang_up_aborts_on_the_worker(gateway, workers) -> None:
+    body = json.dumps({"model": MODEL_B, "prompt": "Count:", "max_tokens": 2000, "stream": True,
+                       "ignore_eos": True})  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http_port)
+    writer.write(
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    await writer.drain()
+    await reader.readuntil(b"data: ")  # streaming from the worker has begun
+    writer.close()  # hang up mid-stream
+    async with grpc.aio.insecure_channel(workers[1].address) as channel:
+        await wait_idle(channel, timeout_s=10)  # the gateway cancelled its call; the worker aborted
 
 
 async def test_overload_is_429_and_no_worker_is_503(workers) -> None:
