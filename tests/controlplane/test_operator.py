@@ -619,6 +619,25 @@ def test_autoscaler_holds_without_load(cluster: Any, operator: Any, redis_server
     )
 
 
+def test_a_pod_template_collision_is_reported_not_applied(cluster: Any, operator: Any) -> None:
+    """A podTemplate volume named like one the operator builds: Degraded names the collision, and no
+    worker Deployment with two "cache" volumes is ever attempted."""
+    cluster.apply(
+        inference_deployment(
+            "collides", podTemplate={"spec": {"volumes": [{"name": "cache", "emptyDir": {}}]}}
+        )
+    )
+
+    def degraded() -> dict | None:
+        got = get(cluster, crd.PLURAL, "collides")
+        return got if condition(got, "Degraded").get("reason") == "ApplyFailed" else None
+
+    got = cluster.wait_for(degraded, timeout=60, what="Degraded=ApplyFailed")
+    assert "cache is a name of a volume the operator builds" in condition(got, "Degraded")["message"]
+    assert get(cluster, "deployment", "collides-worker") is None
+    cluster.kubectl("delete", crd.PLURAL, "collides", "-n", NAMESPACE)
+
+
 def test_a_refused_child_degrades_the_status_until_fixed(cluster: Any, operator: Any) -> None:
     """The API server refuses the worker Deployment (a pod override Deployments do not allow): the status
     says why, observedGeneration stays behind, and fixing the spec recovers."""
