@@ -16,7 +16,11 @@ upper bound on what the gateway's HTTP front adds. ``--tiny`` serves a random-we
 with SmolLM2's tokenizer instead, so the model's own time (and its noise on a busy CPU) stays small
 next to the fronts' costs.
 
+``--concurrency N`` sends N requests at once per round (requests/s then measures what each path
+sustains with the gateway's event loop busy).
+
     .venv/bin/python bench/http_overhead.py --requests 400 --tiny
+    .venv/bin/python bench/http_overhead.py --requests 800 --tiny --concurrency 16
 """
 
 from __future__ import annotations
@@ -119,8 +123,10 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 async def measure(
-    worker: str, gateway: str, http_port: int, requests: int, warmup: int
-) -> dict[str, list[float]]:
+    worker: str, gateway: str, http_port: int, requests: int, warmup: int, concurrency: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per path: latencies (ms) and requests per second. Each round sends ``concurrency`` requests
+    at once on one path, then moves to the next path."""
     url = f"http://127.0.0.1:{http_port}/v1/completions"
     async with (
         grpc.aio.insecure_channel(worker) as worker_channel,
@@ -140,27 +146,35 @@ async def measure(
             "http gateway stream": lambda: one_http(session, url, stream=True),
         }
         samples: dict[str, list[float]] = {name: [] for name in paths}
-        for i in range(warmup + requests):
+        busy: dict[str, float] = dict.fromkeys(paths, 0.0)
+
+        async def timed(call) -> float:
+            t0 = time.perf_counter()
+            await call()
+            return (time.perf_counter() - t0) * 1e3
+
+        for i in range(warmup + requests // concurrency):
             for name, call in paths.items():
                 t0 = time.perf_counter()
-                await call()
+                latencies = await asyncio.gather(*(timed(call) for _ in range(concurrency)))
                 if i >= warmup:
-                    samples[name].append((time.perf_counter() - t0) * 1e3)
-        return samples
+                    samples[name] += latencies
+                    busy[name] += time.perf_counter() - t0
+        return samples, {name: len(samples[name]) / busy[name] for name in paths}
 
 
-def table(samples: dict[str, list[float]]) -> str:
+def table(samples: dict[str, list[float]], rates: dict[str, float]) -> str:
     base = statistics.median(samples["grpc gateway"])
     rows = [
-        "| path | requests | p50 ms | p90 ms | p99 ms | p50 added over grpc gateway, ms |",
-        "|---|---|---|---|---|---|",
+        "| path | requests | p50 ms | p90 ms | p99 ms | p50 added over grpc gateway, ms | requests/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, values in samples.items():
         p50 = statistics.median(values)
         added = "" if name in ("grpc gateway", "grpc direct") else f"{p50 - base:+.2f}"
         rows.append(
             f"| {name} | {len(values)} | {p50:.2f} | {percentile(values, 0.9):.2f} | "
-            f"{percentile(values, 0.99):.2f} | {added} |"
+            f"{percentile(values, 0.99):.2f} | {added} | {rates[name]:.0f} |"
         )
     return "\n".join(rows)
 
@@ -173,6 +187,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured requests per path first")
     parser.add_argument("--worker-arg", action="append", default=[], help="extra flag for the worker")
     parser.add_argument("--tiny", action="store_true", help="serve a random-weight two-layer Llama")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once per path")
     args = parser.parse_args()
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     if args.tiny:
@@ -190,11 +205,12 @@ def main() -> int:
         logs / "kvmesh-http-bench-gateway.log",
     )  # fmt: skip
     try:
-        samples = asyncio.run(
+        samples, rates = asyncio.run(
             measure(
-                f"127.0.0.1:{worker_port}", f"127.0.0.1:{gateway_port}", http_port, args.requests, args.warmup
+                f"127.0.0.1:{worker_port}", f"127.0.0.1:{gateway_port}", http_port, args.requests,
+                args.warmup, max(1, args.concurrency),
             )
-        )
+        )  # fmt: skip
     finally:
         for proc in (gateway, worker):
             proc.terminate()
@@ -203,8 +219,8 @@ def main() -> int:
         "tiny random Llama (2 layers, hidden 64)" if args.tiny else "as --worker-arg says (default SmolLM2)"
     )
     print(f"requests={args.requests} warmup={args.warmup} prompt_tokens={len(PROMPT_IDS)} max_tokens=1 "
-          f"cpus={os.cpu_count()} model={model}")  # fmt: skip
-    print(table(samples))
+          f"concurrency={args.concurrency} cpus={os.cpu_count()} model={model}")  # fmt: skip
+    print(table(samples, rates))
     return 0
 
 
