@@ -176,7 +176,9 @@ class Reconciler:
             return len({(ns, name) for ns, kind, name in self._versions if kind == "Deployment"})
 
     def forget(self, namespace: str, name: str) -> None:
-        self.objects.pop((namespace, name), None)
+        """The object is gone: drop what this process holds about it, and its routing settings."""
+        if self.objects.pop((namespace, name), None) is not None and self.routing is not None:
+            self.routing.withdraw(f"{namespace}/{name}")
         self._windows.pop((namespace, name), None)
         self._errors.pop((namespace, name), None)
         with self._lock:

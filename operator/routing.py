@@ -9,6 +9,7 @@ gateway Deployment labelled ``kvmesh.io/gateway-for=<name>`` in the namespace: a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -88,3 +89,10 @@ class RoutingPublisher:
         with self._lock:
             self._failing.discard(deployment)
         return True
+
+    def withdraw(self, deployment: str) -> None:
+        """Removes a deleted deployment's settings (best effort: a stale key is harmless)."""
+        import redis
+
+        with contextlib.suppress(redis.RedisError):
+            self._redis.delete(RedisKeys(deployment).routing)

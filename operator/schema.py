@@ -281,7 +281,12 @@ SPEC: Schema = {
                 {
                     "rule": "!(has(self.url) && has(self.urlSecretRef))",
                     "message": "give redis.url or redis.urlSecretRef, not both",
-                }
+                },
+                {
+                    "rule": "!has(self.url) || !self.url.matches('^rediss?://[^/]*@')",
+                    "message": "redis.url must not carry credentials (the spec is readable by many): "
+                    "put the password in a Secret and name it in redis.passwordSecretRef",
+                },
             ],
         },
         "env": {**_FREE_LIST, "description": "Extra environment variables (core/v1 EnvVar) of the worker."},

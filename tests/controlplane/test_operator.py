@@ -258,6 +258,11 @@ INVALID = [
         "rollout.maxSurge and rollout.maxUnavailable cannot both be 0",
     ),
     ("short-startup", {"rollout": {"startupTimeoutSeconds": 5}}, "startupTimeoutSeconds"),
+    (
+        "redis-credentials",
+        {"redis": {"url": "redis://:secret@redis:6379/0"}},
+        "redis.url must not carry credentials",
+    ),
     ("bad-replicas", {"replicas": -1}, "spec.replicas"),
     ("bad-policy", {"routing": {"policy": "random"}}, "Unsupported value"),
     (
@@ -813,6 +818,7 @@ def test_spec_routing_reaches_redis_and_rolls_the_gateways(
     worker = get(cluster, "deployment", "routed-worker")
     assert worker["metadata"]["generation"] == 1
     cluster.kubectl("delete", crd.PLURAL, "routed", "-n", NAMESPACE)
+    cluster.wait_for(lambda: not redis_server.client.exists(key), timeout=30, what="settings withdrawn")
     cluster.kubectl("delete", "deployment", "routed-gateway", "-n", NAMESPACE)
 
 

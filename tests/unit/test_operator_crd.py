@@ -103,6 +103,8 @@ def test_cel_rules_refuse_what_the_worker_cannot_run() -> None:
     autoscaling = schema["properties"]["autoscaling"]
     assert "self.minReplicas <= self.maxReplicas" in autoscaling["x-kubernetes-validations"][0]["rule"]
     assert schema["required"] == ["model"]
+    redis_rules = _rules(schema["properties"]["redis"])
+    assert any("redis.url must not carry credentials" in m for m in redis_rules)
     # The tokenizer field reached no program: it is gone rather than silently ignored.
     assert "tokenizer" not in schema["properties"]["model"]["properties"]
     assert "blockSize" not in schema["properties"]["routing"]["properties"]
