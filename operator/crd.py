@@ -12,7 +12,8 @@ import copy
 import sys
 from typing import Any
 
-from kvmesh.operator.schema import SPEC, STATUS, Schema, default_object
+from kvmesh.operator.schema import SPEC, Schema, default_object
+from kvmesh.operator.status import STATUS_SCHEMA
 
 GROUP = "kvmesh.io"
 VERSION = "v1alpha1"
@@ -89,7 +90,7 @@ def crd_manifest() -> dict[str, Any]:
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
                                 "spec": SPEC,
-                                "status": STATUS,
+                                "status": STATUS_SCHEMA,
                             },
                         }
                     },

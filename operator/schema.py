@@ -330,48 +330,6 @@ def _complete_object_defaults(schema: Schema) -> Schema:
     return schema
 
 
-_CONDITION: Schema = {
-    "type": "object",
-    "required": ["type", "status"],
-    "properties": {
-        "type": {"type": "string", "maxLength": 316},
-        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-        "reason": {"type": "string", "maxLength": 1024},
-        "message": {"type": "string", "maxLength": 32768},
-        "lastTransitionTime": {"type": "string", "format": "date-time"},
-        "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
-    },
-}
-
-STATUS: Schema = {
-    "type": "object",
-    "properties": {
-        "observedGeneration": {"type": "integer", "format": "int64"},
-        "replicas": {"type": "integer"},
-        "readyReplicas": {"type": "integer"},
-        "updatedReplicas": {"type": "integer"},
-        "selector": {"type": "string", "description": "Label selector of the worker pods (for the HPA)."},
-        "endpoint": {"type": "string", "description": "gRPC address of the workers' headless Service."},
-        "conditions": {
-            "type": "array",
-            "items": _CONDITION,
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
-        "autoscaling": {
-            "type": "object",
-            "properties": {
-                "desiredReplicas": {"type": "integer"},
-                "currentMetric": {"type": "number"},
-                "liveWorkers": {"type": "integer"},
-                "reason": {"type": "string"},
-                "lastScaleTime": {"type": "string", "format": "date-time"},
-            },
-        },
-    },
-}
-
-
 def default_object(value: dict[str, Any], schema: Schema) -> None:
     for key, prop in schema.get("properties", {}).items():
         if key not in value and "default" in prop:

@@ -160,3 +160,46 @@ def changed(previous: Manifest | None, new: Manifest) -> bool:
     """Whether writing ``new`` would change anything in ``previous`` (avoids no-op status writes)."""
     previous = previous or {}
     return any(previous.get(k) != v for k, v in new.items())
+
+
+# The status's OpenAPI schema (part of the CRD, operator/crd.py).
+_CONDITION_SCHEMA: Manifest = {
+    "type": "object",
+    "required": ["type", "status"],
+    "properties": {
+        "type": {"type": "string", "maxLength": 316},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string", "maxLength": 1024},
+        "message": {"type": "string", "maxLength": 32768},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+    },
+}
+
+STATUS_SCHEMA: Manifest = {
+    "type": "object",
+    "properties": {
+        "observedGeneration": {"type": "integer", "format": "int64"},
+        "replicas": {"type": "integer"},
+        "readyReplicas": {"type": "integer"},
+        "updatedReplicas": {"type": "integer"},
+        "selector": {"type": "string", "description": "Label selector of the worker pods (for the HPA)."},
+        "endpoint": {"type": "string", "description": "gRPC address of the workers' headless Service."},
+        "conditions": {
+            "type": "array",
+            "items": _CONDITION_SCHEMA,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+        "autoscaling": {
+            "type": "object",
+            "properties": {
+                "desiredReplicas": {"type": "integer"},
+                "currentMetric": {"type": "number"},
+                "liveWorkers": {"type": "integer"},
+                "reason": {"type": "string"},
+                "lastScaleTime": {"type": "string", "format": "date-time"},
+            },
+        },
+    },
+}
