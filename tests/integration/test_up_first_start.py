@@ -52,21 +52,27 @@ def leftovers(cache: Path) -> list[str]:
     return sorted(p.name for p in models.glob(".convert-*")) if models.is_dir() else []
 
 
-def test_concurrent_first_starts_convert_once_and_clean_a_killed_conversions_leftovers(tmp_path):
-    stale = tmp_path / "models"
-    stale.mkdir()
+def test_concurrent_first_starts_convert_once_and_clean_a_killed_conversions_leftovers(tmp_path, monkeypatch):
+    from kvmesh.models import default_gguf_path
+    from kvmesh.worker.model.convert import converted_path
+
+    monkeypatch.setenv("KVMESH_CACHE", str(tmp_path))
+    target = converted_path(default_gguf_path())
+    stale = target.parent / f".convert-{target.name}-killed"  # what a SIGKILLed conversion leaves
+    stale.mkdir(parents=True)
     first = convert(tmp_path)
-    read_until(first, "Converting")
+    started = read_until(first, "Converting")
     second = convert(tmp_path)  # starts while the first holds the lock
     (code1, out1), (code2, out2) = finish(first), finish(second)
+    out1 = started + out1
     assert code1 == code2 == 0, out1 + out2
     assert (out1 + out2).count("Converting SmolLM2") == 1
     assert "Waiting for another process to finish converting" in out2
     ready = {line for line in (out1 + out2).splitlines() if line.startswith("Model ready: ")}
     assert len(ready) == 1
     directory = Path(ready.pop().removeprefix("Model ready: "))
-    assert (directory / "generation_config.json").is_file()
-    assert leftovers(tmp_path) == []
+    assert directory == target and (directory / "generation_config.json").is_file()
+    assert leftovers(tmp_path) == []  # the killed conversion's directory too
 
 
 def test_interrupted_conversion_stops_and_removes_its_work(tmp_path):
