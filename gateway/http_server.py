@@ -30,5 +30,5 @@ class GatewayBackend:
         return not self.core.draining and bool(await self.core.directory.refresh())
 
 
-def make_http_server(core: GatewayCore) -> OpenAIServer:
-    return OpenAIServer(GatewayBackend(core))
+def make_http_server(core: GatewayCore, shutdown_grace: float) -> OpenAIServer:
+    return OpenAIServer(GatewayBackend(core), shutdown_grace=shutdown_grace)

@@ -121,7 +121,9 @@ class Gateway:
             ["kvmesh.v1.Inference"],
             [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(self.core), s)],
         )
-        self.http = make_http_server(self.core) if options.http_port is not None else None
+        self.http = (
+            make_http_server(self.core, options.shutdown_grace) if options.http_port is not None else None
+        )
         self.address = ""
         self.http_port = 0
         self.metrics_port = 0
@@ -160,9 +162,10 @@ class Gateway:
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first, refuse new work, let streams finish within the grace period."""
         self.core.draining = True
-        await self.rpc.stop(self.options.shutdown_grace if grace is None else grace)
+        fronts = [self.rpc.stop(self.options.shutdown_grace if grace is None else grace)]
         if self.http is not None:
-            await self.http.stop()
+            fronts.append(self.http.stop())  # HTTP answers drain alongside gRPC streams
+        await asyncio.gather(*fronts)
         if self.watcher is not None:
             await self.watcher.close()
         for pool in self.pools:

@@ -76,8 +76,11 @@ async def openai_errors(request: web.Request, handler: Callable) -> web.StreamRe
 
 
 class OpenAIServer:
-    def __init__(self, backend: Backend, extra_routes: list[web.RouteDef] | None = None) -> None:
+    def __init__(
+        self, backend: Backend, extra_routes: list[web.RouteDef] | None = None, shutdown_grace: float = 1.0
+    ) -> None:
         self.backend = backend
+        self.shutdown_grace = shutdown_grace  # what in-flight answers get once ``stop`` is called
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
         self.app.add_routes(
             [
@@ -96,7 +99,11 @@ class OpenAIServer:
         # handler_cancellation: a client that hangs up cancels its handler, which aborts the
         # generation (and frees its KV blocks) exactly as a gRPC cancel does.
         self.runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0, handler_cancellation=True
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.shutdown_grace,
+            handler_cancellation=True,
         )
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_port=False)
