@@ -89,8 +89,8 @@ def crd_manifest() -> dict[str, Any]:
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": SPEC,
-                                "status": STATUS_SCHEMA,
+                                "spec": copy.deepcopy(SPEC),
+                                "status": copy.deepcopy(STATUS_SCHEMA),
                             },
                         }
                     },

@@ -117,3 +117,17 @@ def test_samples_parse_into_a_typed_spec(path: Path) -> None:
         parsed = DeploymentSpec.parse(doc["spec"])
         assert parsed.engine.tensor_parallel_size == 1
         assert parsed.resources.gpus in (0, parsed.engine.tensor_parallel_size)
+
+
+def test_the_manifest_is_a_copy_callers_may_edit() -> None:
+    manifest = crd.crd_manifest()
+    del manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "rollout"
+    ]
+    assert "rollout" in crd.apply_defaults(spec())
+    assert (
+        "rollout"
+        in crd.crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+            "properties"
+        ]
+    )
