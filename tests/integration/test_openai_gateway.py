@@ -81,6 +81,38 @@ async def test_both_models_listed_and_routed_by_name(gateway, workers) -> None:
     assert err.value.body["code"] == "model_not_found"
 
 
+async def test_one_gateway_routes_two_deployments_through_redis(worker_launcher, module_redis_server) -> None:
+    """``--deployment dep-a,dep-b``: one pool per deployment in Redis, each model on its own workers."""
+    a = worker_launcher.start(
+        "dep-a-w", redis_url=module_redis_server.url, deployment="dep-a", extra=WORKER_ARGS, wait=False
+    )
+    b = worker_launcher.start(
+        "dep-b-w", redis_url=module_redis_server.url, deployment="dep-b",
+        extra=[*WORKER_ARGS, "--served-model-name", MODEL_B], wait=False,
+    )  # fmt: skip
+    for w in (a, b):
+        worker_launcher.wait_ready(w)
+    gateway = Gateway(
+        GatewayOptions(
+            port=0, http_port=0, redis_url=module_redis_server.url, deployment="dep-a,dep-b", shutdown_grace=1
+        )
+    )
+    await gateway.start()
+    try:
+        assert await gateway.wait_for_workers(2, timeout_s=30) == 2
+        client, _ = clients(gateway)
+        assert sorted(m.id for m in await asyncio.to_thread(client.models.list)) == sorted([MODEL, MODEL_B])
+        for model, worker in ((MODEL, a), (MODEL_B, b)):
+            raw = await asyncio.to_thread(
+                client.completions.with_raw_response.create, model=model, prompt="Hello", max_tokens=2
+            )
+            assert raw.headers["kvmesh-worker"] == worker.worker_id
+    finally:
+        await gateway.stop(1)
+        a.stop()
+        b.stop()
+
+
 async def test_http_and_grpc_give_the_same_tokens_through_the_core(gateway) -> None:
     client, _ = clients(gateway)
     prompt = "Write a haiku about the sea."
