@@ -8,6 +8,7 @@ resident memory is the process's own after the run. Prints one table of medians.
     python bench/cpu_decode.py                       # 3 rounds, 128 tokens, 2 threads
     python bench/cpu_decode.py --rounds 5 --tokens 256 --threads 1
     python bench/cpu_decode.py --one kvmesh          # a single measurement, as JSON
+    git archive OLD | tar -x -C /tmp/old && python bench/cpu_decode.py --tree /tmp/old   # and an older kvmesh
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -40,7 +42,7 @@ def measure_kvmesh(tokens: int) -> dict:
     llm = LLM("default")
     load_s = time.perf_counter() - start
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     prompt = llm.encode_chat([{"role": "user", "content": PROMPT}])
     engine = llm.engine
     engine.add(engine.make_sequence("bench", prompt, params))
@@ -104,18 +106,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", choices=["kvmesh", "transformers"], help="measure once, print JSON")
+    parser.add_argument("--tree", type=Path, help="also measure this checkout's kvmesh (an older commit)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.tokens, args.threads)))
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     runs: dict[str, list[dict]] = {"kvmesh": [], "transformers": []}
+    if args.tree:
+        runs[f"kvmesh {args.tree.name}"] = []
     for _ in range(args.rounds):
-        for engine in runs:
+        for name in runs:
+            engine = "transformers" if name == "transformers" else "kvmesh"
             cmd = [sys.executable, __file__, "--one", engine, "--tokens", str(args.tokens)]
             cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-            runs[engine].append(json.loads(out.strip().splitlines()[-1]))
+            tree = dict(env, PYTHONPATH=str(args.tree.resolve())) if name.startswith("kvmesh ") else env
+            out = subprocess.run(cmd, env=tree, check=True, capture_output=True, text=True).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
     base = statistics.median(r["decode_tok_s"] for r in runs["transformers"])
     print(f"{args.rounds} rounds, {args.tokens} greedy tokens, {args.threads} threads, medians")
     print(f"{'engine':<14}{'decode tok/s':>14}{'min..max':>16}{'vs HF':>8}{'RSS MiB':>10}{'peak MiB':>10}"

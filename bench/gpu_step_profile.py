@@ -61,7 +61,10 @@ def main() -> None:
     config.save_pretrained(tmp)
     loader.load_state_dict = lambda d: {}
     loader.load_tokenizer = lambda d: word_tokenizer(config.vocab_size)
-    LlamaForCausalLM.load_weights = lambda self, state: None  # keep the random init
+    # Parameters come uninitialized (build_model): fill them with small random values instead.
+    LlamaForCausalLM.load_weights = lambda self, state: [
+        torch.nn.init.normal_(p, std=0.02) for p in self.parameters()
+    ]
     llm = LLM(str(tmp), dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=16384, max_model_len=4096)
     runner = llm.engine.runner
     dev = runner.device
