@@ -4,6 +4,12 @@ gateway knows (open channels, in-flight counts, workers it just saw fail).
 ``WorkerPool.view`` is the one store read per routing decision. When the store fails the pool
 keeps routing on its last known worker list (no prefix matches, so the router falls back to
 consistent hashing), reports degraded, and probes the store in the background until it answers.
+
+A store that answers again may have lost its data (Redis restarted empty) while the workers have
+not re-registered yet. So an empty registry never replaces a known worker list, however long the
+outage lasted, and for ``rejoin_s`` after a reconnect (or after the registry was last seen empty)
+known workers missing from the registry stay routable. A worker that really left fails its next
+call with UNAVAILABLE, which retries elsewhere and drops it (``mark_down``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.router import Candidate
 from kvmesh.rpc import CHANNEL_OPTIONS
 from kvmesh.store import MetadataStore, RoutingView, StoreError, WorkerInfo
+from kvmesh.store.base import WORKER_TTL_S
 from kvmesh.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,10 @@ class WorkerPool:
         self.conns: dict[str, WorkerConn] = {}
         self.known: list[WorkerInfo] = []  # last worker list the store returned
         self._known_at = 0.0
-        self.empty_grace_s = 10.0  # how long an empty registry is distrusted after a full one
+        # After a reconnect, how long known workers missing from the registry stay routable: a
+        # worker re-registers within a heartbeat plus its reconnect backoff (about 1 s each).
+        self.rejoin_s = WORKER_TTL_S
+        self._rejoin_until = 0.0
         self.degraded = False
         self._probe: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # background writes and channel closes
@@ -76,16 +86,23 @@ class WorkerPool:
                 self.metrics.store_errors.labels("lookup").inc()
                 self._degrade(e)
             else:
-                if view.workers or not self._recently_known():
+                if view.workers or not self.known:
+                    view.workers = self._rejoined(view.workers)
                     self._remember(view.workers)
                     return view
-                # An empty registry right after a full one: the store lost its data (a restart)
-                # and the workers have not re-registered yet. Route on what we knew.
+                # An empty registry while we know workers: the store lost its data (a restart) and
+                # the workers have not re-registered yet. Route on what we knew.
                 self.metrics.store_errors.labels("empty_registry").inc()
+                self._rejoin_until = time.monotonic() + self.rejoin_s
         return RoutingView(workers=list(self.known), matches={})
 
-    def _recently_known(self) -> bool:
-        return bool(self.known) and time.monotonic() - self._known_at < self.empty_grace_s
+    def _rejoined(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        """The registry's workers plus, while re-registration may still be under way, the known
+        ones it does not list yet."""
+        if time.monotonic() >= self._rejoin_until:
+            return workers
+        listed = {w.worker_id for w in workers}
+        return workers + [w for w in self.known if w.worker_id not in listed]
 
     def candidates(self, view: RoutingView, exclude: set[str], model: str = "") -> list[Candidate]:
         """The workers a request may go to: of ``model`` (any when empty), not excluded, not down."""
@@ -203,8 +220,9 @@ class WorkerPool:
             except StoreError:
                 self.metrics.store_errors.labels("probe").inc()
                 continue
+            self._rejoin_until = time.monotonic() + self.rejoin_s
             if workers or not self.known:
-                self._remember(workers)
+                self._remember(self._rejoined(workers))
             self.degraded = False
             self.metrics.degraded.set(0)
             log.info("Reconnected to the metadata store workers=%d", len(workers))

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvmesh.store.base import BLOCK_TTL_S, ROUTE_TTL_S, WORKER_TTL_S, RoutingView, StoreError, WorkerInfo
 from kvmesh.store.redis_keys import RedisKeys, hex64, redis_auth
@@ -126,7 +128,7 @@ class RedisStore:
         try:
             await self._redis.ping()
         except RedisError as e:
-            raise StoreError(str(e)) from e
+            raise store_error(e) from e
 
     async def upsert_worker(self, info: WorkerInfo, ttl_s: float = WORKER_TTL_S) -> bool:
         key = self.keys.worker(info.worker_id)
@@ -138,7 +140,7 @@ class RedisStore:
                 pipe.sadd(self.keys.workers, info.worker_id)
                 existed, *_ = await pipe.execute()
         except RedisError as e:
-            raise StoreError(str(e)) from e
+            raise store_error(e) from e
         return bool(existed)
 
     async def remove_worker(self, worker_id: str) -> None:
@@ -149,7 +151,7 @@ class RedisStore:
                 pipe.delete(self.keys.worker(worker_id))
                 await pipe.execute()
         except RedisError as e:
-            raise StoreError(str(e)) from e
+            raise store_error(e) from e
 
     async def apply_blocks(
         self, worker_id: str, stored: Sequence[int], removed: Sequence[int], snapshot: bool = False
@@ -168,7 +170,7 @@ class RedisStore:
                 part = [hex64(h) for h in removed[start : start + CHUNK]]
                 await self._apply(keys=[blocks_key], args=[*head, "0", int(BLOCK_TTL_S), 0, *part])
         except RedisError as e:
-            raise StoreError(str(e)) from e
+            raise store_error(e) from e
 
     async def record_route(self, worker_id: str, hashes: Sequence[int], ttl_s: float = ROUTE_TTL_S) -> None:
         if not hashes:
@@ -178,14 +180,14 @@ class RedisStore:
         try:
             await self._route(keys=[self.keys.workers], args=args)
         except RedisError as e:
-            raise StoreError(str(e)) from e
+            raise store_error(e) from e
 
     async def lookup(self, hashes: Sequence[int]) -> RoutingView:
         keys = [self.keys.workers] + [self.keys.block(h) for h in hashes[: self.max_lookup_blocks]]
         try:
             matches_raw, *workers_raw = await self._lookup(keys=keys, args=[self.keys.worker_prefix])
         except RedisError as e:
-            raise StoreError(str(e)) from e
+            raise store_error(e) from e
         workers = [WorkerInfo.from_fields(_pairs(raw.split("\t"))) for raw in workers_raw]
         workers.sort(key=lambda w: w.worker_id)
         flat = matches_raw.split("\t") if matches_raw else []
@@ -200,10 +202,31 @@ class RedisStore:
         try:
             return await self._redis.hgetall(self.keys.routing)
         except RedisError as e:
-            raise StoreError(str(e)) from e
+            raise store_error(e) from e
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def store_error(e: RedisError) -> StoreError:
+    """A ``StoreError`` whose message leads with the cause a person acts on: authentication, DNS,
+    refused connection or timeout (redis-py's own text follows; it never holds the password)."""
+    text = str(e)
+    low = text.lower()
+    if isinstance(e, AuthenticationError) or "noauth" in low or "wrongpass" in low:
+        cause = "authentication failed (wrong or missing password)"
+    elif isinstance(e, RedisTimeoutError):
+        cause = "timed out"
+    elif isinstance(e, RedisConnectionError):
+        if any(m in low for m in ("name or service not known", "name resolution", "nodename nor servname")):
+            cause = "DNS lookup failed"
+        elif "refused" in low or "connect call failed" in low:
+            cause = "connection refused"
+        else:
+            cause = "connection failed"
+    else:
+        cause = "Redis error"
+    return StoreError(f"{cause}: {text}")
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
