@@ -13,6 +13,7 @@ from typing import Any
 from kvmesh.operator import crd
 from kvmesh.operator.spec import DeploymentSpec
 from kvmesh.operator.workerpod import (
+    HTTP_PORT,
     METRICS_PORT,
     WORKER_PORT,
     RedisDefaults,
@@ -121,6 +122,7 @@ def build_service(owner: Owner) -> Manifest:
                     "appProtocol": "kubernetes.io/h2c",
                 },
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "appProtocol": "http"},
             ],
         },
     }

@@ -17,6 +17,7 @@ from kvmesh.operator.spec import DeploymentSpec, SecretKeyRef
 
 WORKER_PORT = 50051
 METRICS_PORT = 9090
+HTTP_PORT = 8000  # the OpenAI-compatible API
 MODEL_MOUNT = "/models"
 CACHE_DIR = "/var/cache/kvmesh"
 RUN_AS_USER = 1000
@@ -71,6 +72,7 @@ def worker_command(name: str, namespace: str, spec: DeploymentSpec) -> list[str]
         "--host", "0.0.0.0",
         "--port", str(WORKER_PORT),
         "--metrics-port", str(METRICS_PORT),
+        "--http-port", str(HTTP_PORT),
         "--worker-id", "$(POD_NAME)",
         "--advertise-address", f"$(POD_IP):{WORKER_PORT}",
         # Namespaced: deployments named alike in two namespaces are two pools in Redis.
@@ -214,6 +216,7 @@ def worker_container(
         "ports": [
             {"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(spec),
         # Loading weights can take long: the startup probe allows rollout.startupTimeoutSeconds, then

@@ -76,6 +76,11 @@ def test_helm_template_defaults(kube: Any) -> None:
     gw = gateway["containers"][0]
     assert gw["command"] == ["kvmesh", "gateway"]
     assert f"--deployment={NAMESPACE}/smollm2" in gw["args"]
+    assert "--http-port=8000" in gw["args"]
+    gw_ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    assert gw_ports == {"grpc": 50051, "metrics": 9090, "http": 8000}
+    service_ports = {p["name"]: p["port"] for p in named(docs, "Service", "kvmesh-gateway")["spec"]["ports"]}
+    assert service_ports == {"grpc": 50051, "http": 8000, "metrics": 9090}
     # No routing flags: the gateway takes the InferenceDeployment's spec.routing.
     assert not [a for a in gw["args"] if a.startswith(("--policy", "--load-factor"))]
     assert gw["readinessProbe"]["grpc"]["port"] == 50051
@@ -183,7 +188,11 @@ def test_helm_template_options(kube: Any) -> None:
         "--set", "crds.install=false",
         "--set", "metrics.podMonitor.enabled=true",
         "--set", "metrics.podMonitor.labels.release=prometheus",
+        "--set", "gateway.additionalDeployments={qwen,llama}",
     )  # fmt: skip
+    gateway = named(docs, "Deployment", "kvmesh-gateway")["spec"]["template"]["spec"]
+    gateway_args = gateway["containers"][0]["args"]
+    assert f"--deployment={NAMESPACE}/smollm2,{NAMESPACE}/qwen,{NAMESPACE}/llama" in gateway_args
     kinds = {d["kind"] for d in docs}
     assert "HorizontalPodAutoscaler" in kinds and "CustomResourceDefinition" not in kinds
     assert not [d for d in docs if d["metadata"]["name"] == "kvmesh-redis"]  # no bundled Redis, no Secret

@@ -55,6 +55,7 @@ def test_worker_command_is_the_worker_cli_contract() -> None:
         "--host", "0.0.0.0",
         "--port", "50051",
         "--metrics-port", "9090",
+        "--http-port", "8000",
         "--worker-id", "$(POD_NAME)",
         "--advertise-address", "$(POD_IP):50051",
         "--deployment", "serving/llama",
@@ -230,7 +231,6 @@ def test_probes_use_grpc_health_on_the_worker_port() -> None:
     container = worker(deployment())
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": 50051}
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "metrics": 9090}
 
 
 def test_runs_as_non_root_with_a_read_only_root_filesystem() -> None:
@@ -285,6 +285,15 @@ def test_headless_service_selects_the_workers() -> None:
     assert dep["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
+
+
+def test_workers_serve_grpc_and_the_openai_api_on_named_ports() -> None:
+    container = worker(deployment())
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9090, "http": 8000}
+    assert flag(container["command"], "--http-port") == "8000"
+    svc_ports = {p["name"]: p["targetPort"] for p in builders.build_service(OWNER)["spec"]["ports"]}
+    assert svc_ports == {"grpc": "grpc", "metrics": "metrics", "http": "http"}
 
 
 def test_pdb_allows_one_voluntary_disruption() -> None:

