@@ -31,7 +31,7 @@ class WorkerBackend:
         return generation.list_models(self.state)
 
     async def ready(self) -> bool:
-        return self.state.engine is not None and not self.state.draining
+        return self.state.ready and not self.state.draining
 
 
 def make_http_server(state: WorkerState) -> OpenAIServer:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvmesh.redact import redact_url
 from kvmesh.rpc import RpcServer, host_port
 from kvmesh.v1 import inference_pb2_grpc, worker_pb2_grpc
 from kvmesh.worker.http_server import make_http_server
@@ -142,16 +143,24 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     metrics.bind(engine)
     try:
         reporter, reporter_task = await start_reporter(options, engine, port)
-    except Exception:
-        logger.exception("Failed to start the Redis reporter redis_url=%s", options.redis_url)
+    except Exception as e:  # e.g. an unreadable password file; never the URL itself (a secret)
+        logger.error(
+            "Failed to start the Redis reporter redis_url=%s error=%s", redact_url(options.redis_url), e
+        )
         await engine.shutdown()
         await close_fronts()
         return 1
-    await rpc.set_serving(True)
-    logger.info(
-        "Worker ready address=%s http_port=%d model=%s max_model_len=%d worker_id=%s metrics_port=%d",
-        address, http_port, engine.model_name, engine.max_model_len, options.worker_id, metrics_port,
-    )  # fmt: skip
+    if reporter is not None:  # Ready only once registered: a worker no gateway can find is not ready
+        registered = asyncio.ensure_future(reporter.registered.wait())
+        await asyncio.wait({registered, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        registered.cancel()
+    if not stop.is_set():
+        state.ready = True
+        await rpc.set_serving(True)
+        logger.info(
+            "Worker ready address=%s http_port=%d model=%s max_model_len=%d worker_id=%s metrics_port=%d",
+            address, http_port, engine.model_name, engine.max_model_len, options.worker_id, metrics_port,
+        )  # fmt: skip
 
     # An engine thread that dies while idle still takes the worker down (and health with it).
     watch = asyncio.ensure_future(engine.wait_failed())
@@ -185,7 +194,10 @@ async def start_reporter(options: ServerOptions, engine: AsyncEngine, port: int)
         engine, options.redis_url, options.deployment, options.worker_id, advertised, engine.model_name
     )
     task = asyncio.ensure_future(reporter.run())
-    logger.info("Reporting to Redis deployment=%s advertise_address=%s", options.deployment, advertised)
+    logger.info(
+        "Reporting to Redis at %s deployment=%s advertise_address=%s",
+        redact_url(options.redis_url), options.deployment, advertised,
+    )  # fmt: skip
     return reporter, task
 
 

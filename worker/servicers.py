@@ -28,6 +28,7 @@ class WorkerState:
         self.metrics = metrics
         self.engine: AsyncEngine | None = None
         self.draining = False
+        self.ready = False  # loaded (and registered, when reporting to Redis): health is SERVING
         self.engine_failed = asyncio.Event()  # set when the engine dies outside a shutdown
         self.in_flight: set[str] = set()
         self.idle = asyncio.Event()
