@@ -83,7 +83,7 @@ class Redis:
             return {w for w in r.smembers(keys.workers) if r.exists(keys.worker(w))}
 
 
-@dataclass
+@dataclass(eq=False)
 class Process:
     name: str
     port: int

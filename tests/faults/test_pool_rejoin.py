@@ -13,7 +13,8 @@ from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.pool import WorkerPool
 from kvmesh.store import WorkerInfo
 from kvmesh.store.redis_store import RedisStore
-from tests.faults.conftest import Redis
+
+from .conftest import Redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(60)]
 

@@ -14,7 +14,8 @@ import pytest
 
 from kvmesh.v1 import inference_pb2 as pb
 from kvmesh.v1 import inference_pb2_grpc
-from tests.faults.conftest import PASSWORD, Launcher, Redis, wait_serving
+
+from .conftest import PASSWORD, Launcher, Redis, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(420)]
 
