@@ -46,11 +46,12 @@ def measure_kvmesh(tokens: int) -> dict:
     prompt = llm.encode_chat([{"role": "user", "content": PROMPT}])
     engine = llm.engine
     engine.add(engine.make_sequence("bench", prompt, params))
-    times = []
+    times, cpu = [], []
     while engine.has_work():
         engine.step()
         times.append(time.perf_counter())
-    return {"load_s": load_s, "prompt_tokens": len(prompt), "token_times": times}
+        cpu.append(time.process_time())
+    return {"load_s": load_s, "prompt_tokens": len(prompt), "token_times": times, "cpu_times": cpu}
 
 
 def measure_transformers(tokens: int) -> dict:
@@ -71,10 +72,12 @@ def measure_transformers(tokens: int) -> dict:
         return_dict=True,
     )["input_ids"]
     times: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TextStreamer):  # put() is called once with the prompt, then once per new token
         def put(self, value):
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
 
         def end(self):
             pass
@@ -85,7 +88,12 @@ def measure_transformers(tokens: int) -> dict:
         model.generate(
             prompt, max_new_tokens=tokens, min_new_tokens=tokens, streamer=Clock(tokenizer), **greedy
         )
-    return {"load_s": load_s, "prompt_tokens": int(prompt.shape[1]), "token_times": times[1:]}
+    return {
+        "load_s": load_s,
+        "prompt_tokens": int(prompt.shape[1]),
+        "token_times": times[1:],
+        "cpu_times": cpu[1:],
+    }
 
 
 def one(engine: str, tokens: int, threads: int) -> dict:
@@ -93,8 +101,10 @@ def one(engine: str, tokens: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     result = (measure_kvmesh if engine == "kvmesh" else measure_transformers)(tokens)
-    times = result.pop("token_times")
+    times, cpu = result.pop("token_times"), result.pop("cpu_times")
     result["decode_tok_s"] = (len(times) - 1) / (times[-1] - times[0])
+    # CPU time per token (all threads): what a token costs, little moved by other processes.
+    result["cpu_ms_per_token"] = (cpu[-1] - cpu[0]) / (len(cpu) - 1) * 1000
     result["tokens"] = len(times)
     result["rss_mib"], result["peak_rss_mib"] = rss_mib()
     return result
@@ -125,13 +135,14 @@ def main() -> None:
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     base = statistics.median(r["decode_tok_s"] for r in runs["transformers"])
     print(f"{args.rounds} rounds, {args.tokens} greedy tokens, {args.threads} threads, medians")
-    print(f"{'engine':<14}{'decode tok/s':>14}{'min..max':>16}{'vs HF':>8}{'RSS MiB':>10}{'peak MiB':>10}"
-          f"{'load s':>8}")  # fmt: skip
+    print(f"{'engine':<18}{'decode tok/s':>14}{'min..max':>16}{'vs HF':>8}{'CPU ms/token':>14}{'RSS MiB':>10}"
+          f"{'peak MiB':>10}{'load s':>8}")  # fmt: skip
     for engine, rs in runs.items():
         speeds = [r["decode_tok_s"] for r in rs]
         speed = statistics.median(speeds)
         print(
-            f"{engine:<14}{speed:>14.1f}{f'{min(speeds):.1f}..{max(speeds):.1f}':>16}{speed / base:>8.2f}"
+            f"{engine:<18}{speed:>14.1f}{f'{min(speeds):.1f}..{max(speeds):.1f}':>16}{speed / base:>8.2f}"
+            f"{statistics.median(r['cpu_ms_per_token'] for r in rs):>14.1f}"
             f"{statistics.median(r['rss_mib'] for r in rs):>10.0f}"
             f"{statistics.median(r['peak_rss_mib'] for r in rs):>10.0f}"
             f"{statistics.median(r['load_s'] for r in rs):>8.1f}"
