@@ -59,6 +59,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-timeout", type=float, default=600.0, help="clamp on request deadlines, seconds"
     )
     parser.add_argument("--shutdown-grace", type=float, default=25.0, help="seconds streams get on SIGTERM")
+    parser.add_argument(
+        "--max-request-bytes", type=int, default=None,
+        help="largest request accepted, in bytes (default 8 MiB); larger: INVALID_ARGUMENT / HTTP 413",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -66,6 +70,7 @@ def options_from_args(args: argparse.Namespace, published: dict[str, str] | None
     """Flags given on the command line win; then the routing settings the operator published for the
     deployment (``published``); then GatewayOptions' defaults."""
     from kvmesh.gateway.server import GatewayOptions
+    from kvmesh.requests import MAX_REQUEST_BYTES
 
     routing: dict[str, object] = {}
     published = published or {}
@@ -90,6 +95,7 @@ def options_from_args(args: argparse.Namespace, published: dict[str, str] | None
         max_attempts=args.max_attempts,
         max_timeout_s=args.max_timeout,
         shutdown_grace=args.shutdown_grace,
+        max_request_bytes=args.max_request_bytes or MAX_REQUEST_BYTES,
     )
 
 

@@ -25,7 +25,7 @@ from kvmesh.gateway.pool import WorkerConn
 from kvmesh.gateway.router import Decision, Router
 from kvmesh.gateway.tokenizer import LocalTokenizer, WorkerTokenizer
 from kvmesh.prefix import block_hashes
-from kvmesh.requests import RequestError, check_sampling
+from kvmesh.requests import MAX_REQUEST_BYTES, RequestError, check_sampling, check_size
 from kvmesh.v1 import inference_pb2
 
 log = logging.getLogger("kvmesh.gateway.core")
@@ -93,6 +93,7 @@ class GatewayCore:
         metrics: GatewayMetrics,
         max_attempts: int = 3,
         max_timeout_s: float = 600.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self.directory = directory
         self.router = router
@@ -100,6 +101,7 @@ class GatewayCore:
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.max_timeout_s = max_timeout_s
+        self.max_request_bytes = max_request_bytes
         self.draining = False
         self._model_infos: dict[str, tuple[float, inference_pb2.ModelInfo]] = {}
 
@@ -112,6 +114,7 @@ class GatewayCore:
         try:
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the gateway is draining")
+            check_size(request, self.max_request_bytes)
             check_sampling(request.sampling)
             target = await self.directory.resolve(request.model)
             ids = await self.tokenizer.encode(request, target, timeout_s=deadline.budget)
@@ -209,6 +212,7 @@ class GatewayCore:
 
     # -- unary calls ------------------------------------------------------------------------------
     async def tokenize(self, request: inference_pb2.TokenizeRequest, timeout_s: float | None) -> list[int]:
+        check_size(request, self.max_request_bytes)
         target = await self.directory.resolve(request.model)
         forward = inference_pb2.TokenizeRequest()
         forward.CopyFrom(request)

@@ -23,7 +23,7 @@ from kvmesh.gateway.models import ModelDirectory
 from kvmesh.gateway.pool import WorkerPool
 from kvmesh.gateway.router import Router
 from kvmesh.gateway.tokenizer import LocalTokenizer, WorkerTokenizer
-from kvmesh.requests import RequestError
+from kvmesh.requests import MAX_REQUEST_BYTES, RequestError
 from kvmesh.rpc import RpcServer
 from kvmesh.store import InProcessStore, MetadataStore, StoreError
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
@@ -48,6 +48,7 @@ class GatewayOptions:
     max_attempts: int = 3
     max_timeout_s: float = 600.0  # clamps client deadlines (and bounds deadline-less calls)
     shutdown_grace: float = 25.0
+    max_request_bytes: int = MAX_REQUEST_BYTES  # larger requests: INVALID_ARGUMENT (HTTP 413)
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceServicer):
@@ -113,6 +114,7 @@ class Gateway:
         self.core = GatewayCore(
             ModelDirectory(self.pools), self.router, tokenizer, self.metrics,
             max_attempts=options.max_attempts, max_timeout_s=options.max_timeout_s,
+            max_request_bytes=options.max_request_bytes,
         )  # fmt: skip
         self.watcher = (
             WorkerWatcher(self.store, options.workers) if options.workers and not options.redis_url else None
@@ -120,6 +122,7 @@ class Gateway:
         self.rpc = RpcServer(
             ["kvmesh.v1.Inference"],
             [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(self.core), s)],
+            max_request_bytes=options.max_request_bytes,
         )
         self.http = (
             make_http_server(self.core, options.shutdown_grace) if options.http_port is not None else None

@@ -15,7 +15,9 @@ Both check the prompt with ``kvmesh.requests``, the checks the worker runs too.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -70,6 +72,7 @@ class LocalTokenizer:
         path, gguf = resolve_tokenizer_source(model)
         kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
         self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-tokenize")
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
@@ -86,7 +89,10 @@ class LocalTokenizer:
         target: ModelTarget | None = None,
         timeout_s: float | None = None,
     ) -> list[int]:
-        return prompt_token_ids(self, request)
+        if request.ByteSize() < 8192:
+            return prompt_token_ids(self, request)
+        # Large prompts tokenize on one thread of their own, off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(self.thread, prompt_token_ids, self, request)
 
 
 def resolve_tokenizer_source(model: str) -> tuple[str, str | None]:

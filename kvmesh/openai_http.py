@@ -21,7 +21,7 @@ from aiohttp import web
 
 from kvmesh.openai_api import ParsedRequest, parse_chat, parse_completion
 from kvmesh.openai_responses import ChoiceState, Formatter, error_body, grpc_error
-from kvmesh.requests import RequestError
+from kvmesh.requests import RequestError, RequestTooLarge
 from kvmesh.streams import merge
 from kvmesh.v1 import inference_pb2 as pb
 
@@ -58,6 +58,8 @@ async def openai_errors(request: web.Request, handler: Callable) -> web.StreamRe
     """Every failure in OpenAI's error shape: aiohttp's own (404, 405, 413) and unexpected ones."""
     try:
         return await handler(request)
+    except RequestTooLarge as e:
+        return error_response(413, "invalid_request_error", e.message)
     except RequestError as e:
         status, body = grpc_error(e.code, e.message)
         return json_response(status, body)

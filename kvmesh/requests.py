@@ -15,6 +15,10 @@ import grpc
 from kvmesh.v1 import inference_pb2
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+# Largest request (serialized bytes) a worker or gateway accepts; --max-request-bytes changes it.
+# gRPC's own receive limit sits 1 MiB above, so a request just over it gets our clear answer.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+GRPC_HEADROOM_BYTES = 1024 * 1024
 
 
 class RequestError(Exception):
@@ -26,8 +30,25 @@ class RequestError(Exception):
         self.message = message
 
 
+class RequestTooLarge(RequestError):
+    """INVALID_ARGUMENT over gRPC, 413 over HTTP."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is {size} bytes; this server accepts at most {limit} (--max-request-bytes)",
+        )
+
+
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def check_size(request: inference_pb2.GenerateRequest | inference_pb2.TokenizeRequest, limit: int) -> None:
+    """Refuses a request over ``limit`` bytes before any work that grows with its size."""
+    size = request.ByteSize()
+    if size > limit:
+        raise RequestTooLarge(size, limit)
 
 
 def prompt_kind(request: inference_pb2.GenerateRequest) -> str:

@@ -9,6 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvmesh.requests import GRPC_HEADROOM_BYTES, MAX_REQUEST_BYTES
+
 # Clients (the gateway's worker channels) send keepalive pings every 10 s, idle or not, to notice a
 # dead worker quickly. Servers must accept that rate, or they answer GOAWAY "too_many_pings".
 KEEPALIVE_TIME_MS = 10_000
@@ -38,11 +40,17 @@ class RpcServer:
     reflection over the given services. ``register`` adds each servicer to the server."""
 
     def __init__(
-        self, services: Sequence[str], register: Sequence[Callable[[grpc.aio.Server], None]]
+        self,
+        services: Sequence[str],
+        register: Sequence[Callable[[grpc.aio.Server], None]],
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self.services = ("", *services)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED); up to the headroom above the
+        # limit the request path answers INVALID_ARGUMENT with the limit in the message.
+        receive = ("grpc.max_receive_message_length", max_request_bytes + GRPC_HEADROOM_BYTES)
+        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, receive])
         for add in register:
             add(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -63,6 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shutdown-grace", type=float, default=25.0, help="seconds in-flight requests get on SIGTERM"
     )
+    parser.add_argument(
+        "--max-request-bytes", type=int, default=None,
+        help="largest request accepted, in bytes (default 8 MiB); larger: INVALID_ARGUMENT / HTTP 413",
+    )  # fmt: skip
     for flag, (_, kind, help_text) in ENGINE_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=help_text)
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if error := taken_ports_error(args.host, ports):
         logging.getLogger("kvmesh.worker").error("%s", error)
         return 2
+    from kvmesh.requests import MAX_REQUEST_BYTES
     from kvmesh.worker.engine.config import EngineConfig
     from kvmesh.worker.server import ServerOptions, serve
 
@@ -117,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         shutdown_grace=args.shutdown_grace,
         http_port=args.http_port,
+        max_request_bytes=args.max_request_bytes or MAX_REQUEST_BYTES,
     )
 
     def load_engine() -> AsyncEngine:

@@ -26,6 +26,7 @@ from kvmesh.requests import (
     add_generation_prompt,
     chat_messages,
     check_sampling,
+    check_size,
     prompt_token_ids,
 )
 from kvmesh.v1 import inference_pb2
@@ -106,7 +107,8 @@ async def generate(
         engine = ready_engine(state, generating=True)
         request_id = request.request_id or uuid.uuid4().hex
         check_model(engine, request.model)
-        prompt = prompt_token_ids(engine, request)
+        check_size(request, state.max_request_bytes)
+        prompt = await state.off_loop(request.ByteSize(), prompt_token_ids, engine, request)
         params = sampling_params(request.sampling, len(prompt), engine.max_model_len)
         if request_id in state.in_flight:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id} is already running")
@@ -198,17 +200,20 @@ def finish(
     )  # fmt: skip
 
 
-def tokenize(state: WorkerState, request: inference_pb2.TokenizeRequest) -> list[int]:
+async def tokenize(state: WorkerState, request: inference_pb2.TokenizeRequest) -> list[int]:
     engine = ready_engine(state)
     add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
     try:
         check_model(engine, request.model)
+        check_size(request, state.max_request_bytes)
         kind = request.WhichOneof("input")
         if kind is None:
             raise InvalidRequest("the request has no input: set text or chat")
         if kind == "text":
-            return engine.tokenize_text(request.text, add_special_tokens=add_special)
-        return engine.tokenize_chat(chat_messages(request.chat), add_generation_prompt(request.chat))
+            return await state.off_loop(request.ByteSize(), engine.tokenize_text, request.text, add_special)
+        messages = chat_messages(request.chat)
+        prompt = add_generation_prompt(request.chat)
+        return await state.off_loop(request.ByteSize(), engine.tokenize_chat, messages, prompt)
     except InvalidRequest as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 

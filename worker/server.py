@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.redact import redact_url
+from kvmesh.requests import MAX_REQUEST_BYTES
 from kvmesh.rpc import RpcServer, host_port
 from kvmesh.v1 import inference_pb2_grpc, worker_pb2_grpc
 from kvmesh.worker.http_server import make_http_server
@@ -46,6 +47,7 @@ class ServerOptions:
     metrics_port: int = 0  # 0: no metrics endpoint
     shutdown_grace: float = 25.0  # seconds in-flight requests get after SIGTERM
     http_port: int | None = None  # OpenAI-compatible HTTP API and /metrics; None: off, 0: any port
+    max_request_bytes: int = MAX_REQUEST_BYTES  # larger requests: INVALID_ARGUMENT (HTTP 413)
 
 
 async def load_in_thread(factory: Callable[[], AsyncEngine]) -> AsyncEngine:
@@ -87,12 +89,14 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     """Serves until SIGTERM/SIGINT, then drains; returns the process exit code."""
     metrics = WorkerMetrics()
     state = WorkerState(options.worker_id, metrics)
+    state.max_request_bytes = options.max_request_bytes
     rpc = RpcServer(
         SERVICE_NAMES,
         [
             lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(state), s),
             lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(state), s),
         ],
+        max_request_bytes=options.max_request_bytes,
     )
     http = make_http_server(state) if options.http_port is not None else None
     try:

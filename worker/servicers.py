@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from kvmesh.requests import RequestError
+from kvmesh.requests import MAX_REQUEST_BYTES, RequestError
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from kvmesh.worker import generation
 from kvmesh.worker.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from kvmesh.worker.engine.async_engine import AsyncEngine
+
+T = TypeVar("T")
+INLINE_BYTES = 8192  # smaller inputs tokenize in well under a millisecond: not worth a thread hop
 
 
 class WorkerState:
@@ -34,6 +38,16 @@ class WorkerState:
         self.idle = asyncio.Event()
         self.idle.set()
         self.subscriptions: set[Any] = set()
+        self.max_request_bytes = MAX_REQUEST_BYTES
+        # One thread owns work that grows with the input (tokenizing, chat templates), so a
+        # megabyte prompt never stalls the event loop (health checks, heartbeats, other streams).
+        self.input_thread = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-tokenize")
+
+    async def off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, on the input thread when the input is ``INLINE_BYTES`` or larger."""
+        if size < INLINE_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.input_thread, fn, *args)
 
     async def engine_or_abort(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
         try:
@@ -73,7 +87,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
         try:
-            return inference_pb2.TokenizeResponse(token_ids=generation.tokenize(self.state, request))
+            return inference_pb2.TokenizeResponse(token_ids=await generation.tokenize(self.state, request))
         except RequestError as e:
             await self.state.reject(context, e)
             raise
