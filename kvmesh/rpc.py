@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvmesh.malformed import MalformedRequests
 from kvmesh.requests import GRPC_HEADROOM_BYTES, MAX_REQUEST_BYTES
 
 # Clients (the gateway's worker channels) send keepalive pings every 10 s, idle or not, to notice a
@@ -50,7 +51,8 @@ class RpcServer:
         # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED); up to the headroom above the
         # limit the request path answers INVALID_ARGUMENT with the limit in the message.
         receive = ("grpc.max_receive_message_length", max_request_bytes + GRPC_HEADROOM_BYTES)
-        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, receive])
+        self.malformed = MalformedRequests()  # INVALID_ARGUMENT and a rate-limited line, no traceback
+        self.server = grpc.aio.server(interceptors=[self.malformed], options=[*SERVER_OPTIONS, receive])
         for add in register:
             add(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
