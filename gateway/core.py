@@ -3,8 +3,9 @@
 
 A request's path, one step per function: the deadline (``Deadline``), the model (``ModelDirectory``),
 token ids (``tokenizer``), the prompt's block hashes (``kvmesh.prefix``), a worker (``_pick``: one
-store read, the router's choice), the forwarded stream (``_forward``). A failure before the first
-response is retried on another worker; after it, the worker's status reaches the client unchanged.
+store read, the router's choice), the forwarded stream (``_forward``). A worker that fails (gone,
+full, draining) is replaced by another: before the first response by a retry, after it by a
+continuation from the tokens already sent (gateway/failover.py); other statuses reach the client.
 The deadline (clamped) travels to the worker, and closing the stream cancels the worker's call, which
 aborts the sequence there. Refusals are ``RequestError``; each front renders them its own way.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from kvmesh.gateway.failover import Progress
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.models import ModelDirectory, ModelTarget
 from kvmesh.gateway.pool import WorkerConn
@@ -137,16 +139,16 @@ class GatewayCore:
         target: ModelTarget,
         deadline: Deadline,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        t0 = time.perf_counter()
         bs = target.block_size
-        hashes = block_hashes(forward.token_ids.ids, bs, model=target.name, cache_salt=forward.cache_salt)
-        hash_s = time.perf_counter() - t0
+        progress = Progress(forward)
         excluded: set[str] = set()
         last_error = "no worker is available"
         for attempt in range(1, self.max_attempts + 1):
-            t1 = time.perf_counter()
+            t0 = time.perf_counter()
+            request = progress.request()  # after tokens were sent: prompt + those tokens
+            hashes = block_hashes(request.token_ids.ids, bs, model=target.name, cache_salt=request.cache_salt)
             conn, decision = await self._pick(target, hashes, excluded, last_error)
-            route_s = hash_s + time.perf_counter() - t1
+            route_s = time.perf_counter() - t0
             self.metrics.routing_latency.observe(route_s)
             matched_tokens = decision.matched_blocks * bs
             self.metrics.matched_tokens.observe(matched_tokens)
@@ -156,23 +158,26 @@ class GatewayCore:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before routing")
             route = Route(conn.worker_id, int(route_s * 1e6), matched_tokens, decision.outcome.value, attempt)
             target.pool.begin(conn)
-            call = conn.stub.Generate(forward, timeout=timeout)
-            streamed = False
+            call = conn.stub.Generate(request, timeout=timeout)
             try:
                 async for response in call:
-                    if not streamed:
-                        streamed = True
+                    if generation.route is None:
                         generation.route, generation.headers = route, route.headers()
                     if response.finish_reason:
-                        self._observe_prediction(matched_tokens, len(forward.token_ids.ids), bs, response)
-                    yield response
+                        self._observe_prediction(matched_tokens, len(request.token_ids.ids), bs, response)
+                    yield progress.observe(response)
                 return
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-                if streamed or code not in RETRYABLE:
+                if code not in RETRYABLE:
                     raise RequestError(code, e.details() or code.name) from e
                 last_error = f"worker {conn.worker_id} failed: {code.name} {e.details()}"
-                log.info("Retrying on another worker request_id=%s %s", forward.request_id, last_error)
+                if progress.sent and progress.remaining <= 0:  # only the final message was lost
+                    yield progress.finished(conn.worker_id)
+                    return
+                log.warning("%s request_id=%s on another worker after %d tokens: %s",
+                            "Continuing" if progress.sent else "Retrying", forward.request_id,
+                            len(progress.sent), last_error)  # fmt: skip
                 self.metrics.retries.labels(code.name).inc()
                 if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     target.pool.mark_down(conn)

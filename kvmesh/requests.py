@@ -15,6 +15,7 @@ import grpc
 from kvmesh.v1 import inference_pb2
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+DEFAULT_MAX_TOKENS = 256  # the proto's documented default; workers clamp it to the context left
 # Largest request (serialized bytes) a worker or gateway accepts; --max-request-bytes changes it.
 # gRPC's own receive limit sits 1 MiB above, so a request just over it gets our clear answer.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024

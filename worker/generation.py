@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from kvmesh.requests import (
+    DEFAULT_MAX_TOKENS,
     RequestError,
     add_generation_prompt,
     chat_messages,
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kvmesh.worker.generation")
 
-DEFAULT_MAX_TOKENS = 256  # the proto's documented default, clamped to the context left
 FINISH_REASONS = {
     "stop": inference_pb2.FINISH_REASON_STOP,
     "length": inference_pb2.FINISH_REASON_LENGTH,
