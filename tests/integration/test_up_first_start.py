@@ -19,6 +19,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
+UP = [sys.executable, "-m", "kvmesh.cli", "up", "--port", "0", "--http-port", "0"]
 
 
 def start(args: list[str], cache: Path) -> subprocess.Popen:
@@ -87,7 +88,7 @@ def test_interrupted_conversion_stops_and_removes_its_work(tmp_path):
 
 
 def test_up_interrupted_while_preparing_the_model_leaves_nothing(tmp_path):
-    up = start([sys.executable, "-m", "kvmesh.cli", "up", "--port", "0", "--workers", "2"], tmp_path)
+    up = start([*UP, "--workers", "2"], tmp_path)
     output = read_until(up, "Converting")
     assert "Preparing model 'default'" in output
     up.send_signal(signal.SIGINT)
@@ -106,8 +107,8 @@ def free_port() -> int:
 def test_up_gives_each_worker_its_own_metrics_port_and_stops_on_ctrl_c(smollm_dir, tmp_path):
     base = free_port()
     cache = Path(os.environ.get("KVMESH_CACHE", Path.home() / ".cache" / "kvmesh"))  # already converted
-    up = start([sys.executable, "-m", "kvmesh.cli", "up", "--port", "0", "--workers", "2", "--no-sample",
-                f"--worker-arg=--metrics-port={base}", "--worker-arg=--num-blocks=64"], cache)  # fmt: skip
+    up = start([*UP, "--workers", "2", "--no-sample", f"--worker-arg=--metrics-port={base}",
+                "--worker-arg=--num-blocks=64"], cache)  # fmt: skip
     try:
         output = read_until(up, "Serving; Ctrl-C to stop.")
         for i in range(2):

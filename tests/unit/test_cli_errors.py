@@ -67,10 +67,10 @@ def test_up_checks_model_and_ports_before_starting_anything(busy_port):
     result = kvmesh("up", "--model", "./missing.gguf")
     assert result.returncode == 2
     assert messages(result) == ["kvmesh up: model path './missing.gguf' does not exist"]
-    result = kvmesh("up", "--port", str(busy_port))
+    result = kvmesh("up", "--port", str(busy_port), "--http-port", "0")
     assert result.returncode == 2
     assert f"--port {busy_port}" in messages(result)[0]
-    result = kvmesh("up", "--port", "0", "--worker-metrics-port", str(busy_port))
+    result = kvmesh("up", "--port", "0", "--http-port", "0", "--worker-metrics-port", str(busy_port))
     assert f"worker 0 metrics {busy_port}" in messages(result)[0]
     assert not imported(result, "torch")
 
