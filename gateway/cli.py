@@ -9,6 +9,7 @@ import sys
 
 from kvmesh.gateway.router import POLICIES
 from kvmesh.logs import setup_logging
+from kvmesh.tls import add_server_flags, add_worker_client_flags, server_tls, worker_client_tls
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-request-bytes", type=int, default=None,
         help="largest request accepted, in bytes (default 8 MiB); larger: INVALID_ARGUMENT / HTTP 413",
     )  # fmt: skip
+    add_server_flags(parser)
+    add_worker_client_flags(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -96,6 +99,8 @@ def options_from_args(args: argparse.Namespace, published: dict[str, str] | None
         max_timeout_s=args.max_timeout,
         shutdown_grace=args.shutdown_grace,
         max_request_bytes=args.max_request_bytes or MAX_REQUEST_BYTES,
+        tls=server_tls(args),
+        worker_tls=worker_client_tls(args),
     )
 
 

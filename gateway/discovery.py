@@ -18,6 +18,7 @@ import time
 import grpc
 
 from kvmesh.store import MetadataStore, WorkerInfo
+from kvmesh.tls import ClientTls
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ def info_from_load(load: worker_pb2.Load, address: str) -> WorkerInfo:
 
 
 class WorkerWatcher:
-    def __init__(self, store: MetadataStore, addresses: list[str], poll_s: float = 0.5) -> None:
+    def __init__(
+        self, store: MetadataStore, addresses: list[str], poll_s: float = 0.5, tls: ClientTls | None = None
+    ) -> None:
         self.store = store
+        self.tls = tls or ClientTls()
         self.addresses = addresses
         self.poll_s = poll_s
         self.ttl_s = max(2.0, 4 * poll_s)
@@ -61,7 +65,7 @@ class WorkerWatcher:
         backoff = 0.2
         while True:
             worker_id = ""
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with self.tls.channel(address, []) as channel:
                 stub = worker_pb2_grpc.WorkerStub(channel)
                 try:
                     load = await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=2.0)

@@ -28,6 +28,7 @@ from kvmesh.gateway.router import Candidate
 from kvmesh.rpc import CHANNEL_OPTIONS
 from kvmesh.store import MetadataStore, RoutingView, StoreError, WorkerInfo
 from kvmesh.store.base import WORKER_TTL_S
+from kvmesh.tls import ClientTls
 from kvmesh.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class WorkerPool:
         down_s: float = 5.0,
         probe_s: float = 1.0,
         local_load_only: bool = False,
+        tls: ClientTls | None = None,
     ) -> None:
+        self.tls = tls or ClientTls()  # how to dial workers (plaintext unless given a CA)
         self.store = store
         self.metrics = metrics
         self.max_inflight = max_inflight
@@ -130,7 +133,7 @@ class WorkerPool:
         if conn is None or conn.address != info.address:
             if conn is not None:
                 self._spawn(conn.channel.close())
-            channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+            channel = self.tls.channel(info.address, CHANNEL_OPTIONS)
             conn = WorkerConn(
                 info.worker_id, info.address, channel, inference_pb2_grpc.InferenceStub(channel)
             )

@@ -26,6 +26,7 @@ from kvmesh.gateway.tokenizer import LocalTokenizer, WorkerTokenizer
 from kvmesh.requests import MAX_REQUEST_BYTES, RequestError
 from kvmesh.rpc import RpcServer
 from kvmesh.store import InProcessStore, MetadataStore, StoreError
+from kvmesh.tls import ClientTls, ServerTls
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("kvmesh.gateway.server")
@@ -49,6 +50,8 @@ class GatewayOptions:
     max_timeout_s: float = 600.0  # clamps client deadlines (and bounds deadline-less calls)
     shutdown_grace: float = 25.0
     max_request_bytes: int = MAX_REQUEST_BYTES  # larger requests: INVALID_ARGUMENT (HTTP 413)
+    tls: ServerTls = field(default_factory=ServerTls)  # clients -> gateway: TLS, mTLS with a client CA
+    worker_tls: ClientTls = field(default_factory=ClientTls)  # gateway -> workers
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceServicer):
@@ -104,7 +107,11 @@ class Gateway:
         self.stores: list[MetadataStore] = stores
         self.pools = [
             WorkerPool(
-                s, self.metrics, max_inflight=options.max_inflight, local_load_only=not options.redis_url
+                s,
+                self.metrics,
+                max_inflight=options.max_inflight,
+                local_load_only=not options.redis_url,
+                tls=options.worker_tls,
             )
             for s in stores
         ]
@@ -117,7 +124,9 @@ class Gateway:
             max_request_bytes=options.max_request_bytes,
         )  # fmt: skip
         self.watcher = (
-            WorkerWatcher(self.store, options.workers) if options.workers and not options.redis_url else None
+            WorkerWatcher(self.store, options.workers, tls=options.worker_tls)
+            if options.workers and not options.redis_url
+            else None
         )
         self.rpc = RpcServer(
             ["kvmesh.v1.Inference"],
@@ -136,7 +145,7 @@ class Gateway:
         return self.core.draining
 
     async def start(self) -> str:
-        self.address = await self.rpc.start(self.options.host, self.options.port)
+        self.address = await self.rpc.start(self.options.host, self.options.port, self.options.tls)
         if self.http is not None:
             self.http_port = await self.http.start(self.options.host, self.options.http_port or 0)
         if self.options.metrics_port:
@@ -191,7 +200,7 @@ async def serve(options: GatewayOptions) -> int:
     gateway = Gateway(options)
     try:
         await gateway.start()
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, ValueError) as e:
         log.error("Failed to start the gateway error=%s", e)
         return 1
     stop = asyncio.Event()

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.malformed import MalformedRequests
 from kvmesh.requests import GRPC_HEADROOM_BYTES, MAX_REQUEST_BYTES
+from kvmesh.tls import ServerTls
 
 # Clients (the gateway's worker channels) send keepalive pings every 10 s, idle or not, to notice a
 # dead worker quickly. Servers must accept that rate, or they answer GOAWAY "too_many_pings".
@@ -61,10 +62,15 @@ class RpcServer:
         self.port = 0
         self.address = ""
 
-    async def start(self, host: str, port: int) -> str:
-        """Binds (raises RuntimeError when the port is taken) and starts; returns ``host:port``."""
+    async def start(self, host: str, port: int, tls: ServerTls | None = None) -> str:
+        """Binds (raises RuntimeError when the port is taken) and starts; returns ``host:port``.
+        With ``tls`` holding a certificate the port serves TLS (mTLS when it names a client CA)."""
         await self.set_serving(False)
-        self.port = self.server.add_insecure_port(host_port(host, port))
+        credentials = tls.credentials() if tls is not None else None
+        if credentials is not None:
+            self.port = self.server.add_secure_port(host_port(host, port), credentials)
+        else:
+            self.port = self.server.add_insecure_port(host_port(host, port))
         await self.server.start()
         self.address = host_port(host, self.port)
         return self.address

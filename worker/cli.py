@@ -14,6 +14,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from kvmesh.logs import setup_logging
+from kvmesh.tls import add_server_flags, server_tls
 
 if TYPE_CHECKING:
     from kvmesh.worker.engine.async_engine import AsyncEngine
@@ -67,6 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-request-bytes", type=int, default=None,
         help="largest request accepted, in bytes (default 8 MiB); larger: INVALID_ARGUMENT / HTTP 413",
     )  # fmt: skip
+    add_server_flags(parser)
     for flag, (_, kind, help_text) in ENGINE_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=help_text)
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         http_port=args.http_port,
         max_request_bytes=args.max_request_bytes or MAX_REQUEST_BYTES,
+        tls=server_tls(args),
     )
 
     def load_engine() -> AsyncEngine:

@@ -17,12 +17,13 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.redact import redact_url
 from kvmesh.requests import MAX_REQUEST_BYTES
 from kvmesh.rpc import RpcServer, host_port
+from kvmesh.tls import ServerTls
 from kvmesh.v1 import inference_pb2_grpc, worker_pb2_grpc
 from kvmesh.worker.http_server import make_http_server
 from kvmesh.worker.metrics import WorkerMetrics
@@ -48,6 +49,7 @@ class ServerOptions:
     shutdown_grace: float = 25.0  # seconds in-flight requests get after SIGTERM
     http_port: int | None = None  # OpenAI-compatible HTTP API and /metrics; None: off, 0: any port
     max_request_bytes: int = MAX_REQUEST_BYTES  # larger requests: INVALID_ARGUMENT (HTTP 413)
+    tls: ServerTls = field(default_factory=ServerTls)  # gRPC port: TLS, or mTLS with a client CA
 
 
 async def load_in_thread(factory: Callable[[], AsyncEngine]) -> AsyncEngine:
@@ -100,9 +102,9 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     )
     http = make_http_server(state) if options.http_port is not None else None
     try:
-        address = await rpc.start(options.host, options.port)
+        address = await rpc.start(options.host, options.port, options.tls)
         http_port = await http.start(options.host, options.http_port) if http is not None else 0
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, ValueError) as e:
         logger.error("Failed to bind host=%s port=%d error=%s", options.host, options.port, e)
         await rpc.server.stop(0)
         return 1

@@ -210,7 +210,7 @@ class RedisStore:
 
 def store_error(e: RedisError) -> StoreError:
     """A ``StoreError`` whose message leads with the cause a person acts on: authentication, DNS,
-    refused connection or timeout (redis-py's own text follows; it never holds the password)."""
+    refused connection, TLS or timeout (redis-py's own text follows; it never holds the password)."""
     text = str(e)
     low = text.lower()
     if isinstance(e, AuthenticationError) or "noauth" in low or "wrongpass" in low:
@@ -218,7 +218,9 @@ def store_error(e: RedisError) -> StoreError:
     elif isinstance(e, RedisTimeoutError):
         cause = "timed out"
     elif isinstance(e, RedisConnectionError):
-        if any(m in low for m in ("name or service not known", "name resolution", "nodename nor servname")):
+        if "certificate" in low or "ssl" in low:
+            cause = "TLS handshake failed"
+        elif any(m in low for m in ("name or service not known", "name resolution", "nodename nor servname")):
             cause = "DNS lookup failed"
         elif "refused" in low or "connect call failed" in low:
             cause = "connection refused"

@@ -1,0 +1,99 @@
+"""TLS and mutual TLS for kvmesh's gRPC hops (client -> gateway, gateway -> worker), from PEM files
+(a mounted Kubernetes Secret, e.g. one cert-manager issues: ``tls.crt``, ``tls.key``, ``ca.crt``).
+
+A server given a certificate and key serves TLS; given a client CA as well, it requires and checks
+client certificates (mTLS). A client given a CA verifies the server against it; given a certificate
+and key as well, it presents them. Worker pods are dialed by IP, which certificates rarely name, so
+the gateway can verify workers against one fixed name (``server_name``, e.g. the workers' Service).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # grpc loads with the servers, not with the CLIs that define these flags
+    import grpc
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+@dataclass(slots=True)
+class ServerTls:
+    cert: str = ""  # PEM certificate chain; empty: plaintext
+    key: str = ""
+    client_ca: str = ""  # PEM CA bundle; set: clients must present a certificate it signed (mTLS)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        import grpc
+
+        if not self.cert:
+            return None
+        if not self.key:
+            raise ValueError("a TLS certificate needs its key (--tls-key)")
+        return grpc.ssl_server_credentials(
+            [(_read(self.key), _read(self.cert))],
+            root_certificates=_read(self.client_ca),
+            require_client_auth=bool(self.client_ca),
+        )
+
+
+@dataclass(slots=True)
+class ClientTls:
+    ca: str = ""  # PEM CA bundle the server's certificate must chain to; empty: plaintext
+    cert: str = ""  # client certificate for mTLS (with ``key``)
+    key: str = ""
+    server_name: str = ""  # name to verify instead of the dialed host (workers are dialed by IP)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca)
+
+    def channel(self, address: str, options: list[tuple[str, int | str]]) -> grpc.aio.Channel:
+        import grpc
+
+        if not self.enabled:
+            return grpc.aio.insecure_channel(address, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca), private_key=_read(self.key), certificate_chain=_read(self.cert)
+        )
+        if self.server_name:
+            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def add_server_flags(parser) -> None:
+    """``--tls-cert``, ``--tls-key``, ``--tls-client-ca``: one definition for worker and gateway."""
+    parser.add_argument(
+        "--tls-cert", default="", help="PEM certificate: serve gRPC over TLS (with --tls-key)"
+    )
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", default="", help="PEM CA bundle: require client certificates it signed (mTLS)"
+    )
+
+
+def server_tls(args) -> ServerTls:
+    return ServerTls(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+
+
+def add_worker_client_flags(parser) -> None:
+    """How a gateway dials its workers."""
+    parser.add_argument("--worker-tls-ca", default="", help="PEM CA bundle: dial workers over TLS, verified")
+    parser.add_argument("--worker-tls-cert", default="", help="PEM client certificate for workers (mTLS)")
+    parser.add_argument("--worker-tls-key", default="", help="PEM private key of --worker-tls-cert")
+    parser.add_argument(
+        "--worker-tls-server-name",
+        default="",
+        help="name the workers' certificate carries (they are dialed by IP)",
+    )
+
+
+def worker_client_tls(args) -> ClientTls:
+    return ClientTls(
+        ca=args.worker_tls_ca, cert=args.worker_tls_cert, key=args.worker_tls_key,
+        server_name=args.worker_tls_server_name,
+    )  # fmt: skip
