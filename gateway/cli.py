@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
 from kvmesh.gateway.router import POLICIES
 from kvmesh.logs import setup_logging
+from kvmesh.redact import ARGV_WARNING, password_in_argv
 from kvmesh.tls import add_server_flags, add_worker_client_flags, server_tls, worker_client_tls
 
 
@@ -106,6 +108,8 @@ def options_from_args(args: argparse.Namespace, published: dict[str, str] | None
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    if password_in_argv(args.redis_url, sys.argv):
+        logging.getLogger("kvmesh.gateway").warning(ARGV_WARNING)
     if not args.redis_url and not args.worker:
         print("kvmesh gateway: give --redis-url or at least one --worker", file=sys.stderr)
         return 2

@@ -26,3 +26,18 @@ def redact_url(url: str) -> str:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, MASK if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def password_in_argv(url: str, argv: list[str]) -> bool:
+    """Whether ``url`` carries a password and was given on the command line (visible in ``ps``)."""
+    try:
+        has_password = bool(urlsplit(url).password)
+    except ValueError:
+        return False
+    return has_password and any(url in arg for arg in argv)
+
+
+ARGV_WARNING = (
+    "The Redis password is on the command line, where ps shows it: give the URL in KVMESH_REDIS_URL "
+    "and the password in KVMESH_REDIS_PASSWORD_FILE (or KVMESH_REDIS_PASSWORD) instead"
+)

@@ -11,9 +11,11 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from typing import TYPE_CHECKING
 
 from kvmesh.logs import setup_logging
+from kvmesh.redact import ARGV_WARNING, password_in_argv
 from kvmesh.tls import add_server_flags, server_tls
 
 if TYPE_CHECKING:
@@ -91,6 +93,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    if password_in_argv(args.redis_url, sys.argv):
+        logging.getLogger("kvmesh.worker").warning(ARGV_WARNING)
     # Fast, one-line failures before torch loads: a model that is not there, a port that is taken.
     from kvmesh.ports import taken_ports_error
     from kvmesh.worker.model.loader import ModelNotFound, locate_model
