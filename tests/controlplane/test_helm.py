@@ -189,7 +189,11 @@ def test_helm_template_options(kube: Any) -> None:
         "--set", "metrics.podMonitor.enabled=true",
         "--set", "metrics.podMonitor.labels.release=prometheus",
         "--set", "gateway.additionalDeployments={qwen,llama}",
+        "--set", "metrics.grafanaDashboard.enabled=true",
     )  # fmt: skip
+    dashboard = named(docs, "ConfigMap", "kvmesh-grafana-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kvmesh.json"])["panels"]
     gateway = named(docs, "Deployment", "kvmesh-gateway")["spec"]["template"]["spec"]
     gateway_args = gateway["containers"][0]["args"]
     assert f"--deployment={NAMESPACE}/smollm2,{NAMESPACE}/qwen,{NAMESPACE}/llama" in gateway_args
