@@ -75,11 +75,12 @@ class RpcServer:
         self.address = host_port(host, self.port)
         return self.address
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool, services: Sequence[str] | None = None) -> None:
+        """Sets the health of ``services`` (default: all, the overall "" included)."""
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in self.services:
+        for service in self.services if services is None else services:
             await self.health.set(service, status)
 
     async def stop(self, grace: float | None) -> None:

@@ -157,6 +157,9 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
         await close_fronts()
         return 1
     if reporter is not None:  # Ready only once registered: a worker no gateway can find is not ready
+        # Loaded and able to serve: the named services say so at once (liveness and startup probes
+        # ask for kvmesh.v1.Worker); the overall status "" (readiness) waits for the registration.
+        await rpc.set_serving(True, SERVICE_NAMES)
         registered = asyncio.ensure_future(reporter.registered.wait())
         await asyncio.wait({registered, stopping}, return_when=asyncio.FIRST_COMPLETED)
         registered.cancel()

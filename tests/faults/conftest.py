@@ -150,7 +150,7 @@ class Launcher:
             process.stop()
 
 
-def health(address: str, timeout: float = 2.0) -> int:
+def health(address: str, timeout: float = 2.0, service: str = "") -> int:
     """The server's overall health status (``HealthCheckResponse.ServingStatus``); -1 when unreachable."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -158,7 +158,7 @@ def health(address: str, timeout: float = 2.0) -> int:
     with grpc.insecure_channel(address) as channel:
         try:
             stub = health_pb2_grpc.HealthStub(channel)
-            return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
         except grpc.RpcError:
             return -1
 

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow, pyt
 
 DEPLOYMENT = "faults-register"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def wait_for_line(process, text: str, timeout_s: float = 300) -> str:
@@ -57,7 +58,8 @@ def test_unregistered_worker_is_not_ready_and_says_why(launcher: Launcher, redis
         assert "not ready until registered" in line
     time.sleep(3.0)  # several retries later: still not ready, still running, still one line
     for worker in expected:
-        assert health(worker.address) == NOT_SERVING, worker.name
+        assert health(worker.address) == NOT_SERVING, worker.name  # not ready...
+        assert health(worker.address, service="kvmesh.v1.Worker") == SERVING, worker.name  # ...but alive
         assert worker.log().count("Cannot register worker_id=") == 1, worker.log()[-2000:]
         assert "Worker ready" not in worker.log()
         assert "Traceback" not in worker.log()
