@@ -68,6 +68,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_server_flags(parser)
     add_worker_client_flags(parser)
+    parser.add_argument(
+        "--api-keys-file", default="", help="JSON file: API key -> tenant, cache salt, per-minute limits"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -103,6 +106,7 @@ def options_from_args(args: argparse.Namespace, published: dict[str, str] | None
         max_request_bytes=args.max_request_bytes or MAX_REQUEST_BYTES,
         tls=server_tls(args),
         worker_tls=worker_client_tls(args),
+        api_keys_file=args.api_keys_file,
     )
 
 

@@ -16,7 +16,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 
@@ -24,7 +23,9 @@ from kvmesh.gateway.failover import Progress
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.models import ModelDirectory, ModelTarget
 from kvmesh.gateway.pool import WorkerConn
+from kvmesh.gateway.route import Deadline, Route
 from kvmesh.gateway.router import Decision, Router
+from kvmesh.gateway.tenants import Tenant, Tenants
 from kvmesh.gateway.tokenizer import LocalTokenizer, WorkerTokenizer
 from kvmesh.prefix import block_hashes
 from kvmesh.requests import MAX_REQUEST_BYTES, RequestError, check_sampling, check_size
@@ -36,45 +37,20 @@ log = logging.getLogger("kvmesh.gateway.core")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN}
 
 
-class Deadline:
-    """The client's deadline clamped to the gateway's maximum; ``None`` means no client deadline."""
-
-    def __init__(self, remaining_s: float | None, max_s: float) -> None:
-        self.budget = max_s if remaining_s is None else min(remaining_s, max_s)
-        self.at = time.monotonic() + self.budget
-
-    def left(self) -> float:
-        return self.at - time.monotonic()
-
-
-@dataclass(slots=True)
-class Route:
-    """Where a request went and why; the fronts send it as response headers."""
-
-    worker_id: str
-    route_us: int
-    matched_tokens: int
-    outcome: str
-    attempts: int
-
-    def headers(self) -> dict[str, str]:
-        return {
-            "kvmesh-worker": self.worker_id,
-            "kvmesh-route-us": str(self.route_us),
-            "kvmesh-matched-tokens": str(self.matched_tokens),
-            "kvmesh-route-outcome": self.outcome,
-            "kvmesh-attempts": str(self.attempts),
-        }
-
-
 class Generation:
     """One forwarded generation: an async iterator of ``GenerateResponse``; ``route`` and
     ``headers`` are set once the first response has arrived. Closing it cancels the worker call."""
 
-    def __init__(self, core: GatewayCore, request: inference_pb2.GenerateRequest, deadline: Deadline) -> None:
+    def __init__(
+        self,
+        core: GatewayCore,
+        request: inference_pb2.GenerateRequest,
+        deadline: Deadline,
+        tenant: Tenant | None,
+    ) -> None:
         self.route: Route | None = None
         self.headers: dict[str, str] = {}
-        self._stream = core._run(self, request, deadline)
+        self._stream = core._run(self, request, deadline, tenant)
 
     def __aiter__(self) -> Generation:
         return self
@@ -104,20 +80,32 @@ class GatewayCore:
         self.max_attempts = max_attempts
         self.max_timeout_s = max_timeout_s
         self.max_request_bytes = max_request_bytes
+        self.tenants: Tenants | None = None  # API keys and their limits (--api-keys-file)
         self.draining = False
         self._model_infos: dict[str, tuple[float, inference_pb2.ModelInfo]] = {}
 
-    def generate(self, request: inference_pb2.GenerateRequest, timeout_s: float | None = None) -> Generation:
-        return Generation(self, request, Deadline(timeout_s, self.max_timeout_s))
+    def generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        timeout_s: float | None = None,
+        tenant: Tenant | None = None,
+    ) -> Generation:
+        return Generation(self, request, Deadline(timeout_s, self.max_timeout_s), tenant)
 
     async def _run(
-        self, generation: Generation, request: inference_pb2.GenerateRequest, deadline: Deadline
+        self,
+        generation: Generation,
+        request: inference_pb2.GenerateRequest,
+        deadline: Deadline,
+        tenant: Tenant | None,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the gateway is draining")
             check_size(request, self.max_request_bytes)
             check_sampling(request.sampling)
+            if tenant is not None and self.tenants is not None:
+                await self.tenants.admit(tenant)
             target = await self.directory.resolve(request.model)
             ids = await self.tokenizer.encode(request, target, timeout_s=deadline.budget)
             forward = inference_pb2.GenerateRequest()
@@ -125,7 +113,13 @@ class GatewayCore:
             forward.model = target.name
             forward.token_ids.ids[:] = ids  # the oneof now carries token ids: workers never re-tokenize
             forward.request_id = request.request_id or uuid.uuid4().hex
+            if tenant is not None:  # the tenant's prefix cache, whatever the request says
+                forward.cache_salt = tenant.cache_salt
             async for response in self._forward(generation, forward, target, deadline):
+                if response.finish_reason and tenant is not None and self.tenants is not None:
+                    await self.tenants.spend(
+                        tenant, response.usage.prompt_tokens + response.usage.completion_tokens
+                    )
                 yield response
         except RequestError as e:
             self.metrics.requests.labels(e.code.name).inc()
@@ -164,7 +158,9 @@ class GatewayCore:
                     if generation.route is None:
                         generation.route, generation.headers = route, route.headers()
                     if response.finish_reason:
-                        self._observe_prediction(matched_tokens, len(request.token_ids.ids), bs, response)
+                        self.metrics.observe_prediction(
+                            matched_tokens, len(request.token_ids.ids), bs, response
+                        )
                     yield progress.observe(response)
                 return
             except grpc.aio.AioRpcError as e:
@@ -203,17 +199,6 @@ class GatewayCore:
                 )
             raise RequestError(grpc.StatusCode.UNAVAILABLE, last_error)
         return target.pool.conns[decision.worker_id], decision
-
-    def _observe_prediction(
-        self, matched_tokens: int, prompt_len: int, block_size: int, final: inference_pb2.GenerateResponse
-    ) -> None:
-        """Index accuracy: the prefix the gateway expected on the worker vs what the worker reused
-        (capped like the worker, which always computes the last prompt token)."""
-        expected = min(matched_tokens, (prompt_len - 1) // block_size * block_size)
-        self.metrics.expected_cached.inc(expected)
-        self.metrics.actual_cached.inc(final.usage.cached_tokens)
-        if final.usage.cached_tokens < expected:
-            self.metrics.overestimates.inc()
 
     # -- unary calls ------------------------------------------------------------------------------
     async def tokenize(self, request: inference_pb2.TokenizeRequest, timeout_s: float | None) -> list[int]:

@@ -5,13 +5,20 @@ tokens, attempts) come back as ``kvmesh-*`` response headers, as gRPC sends them
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-from kvmesh.openai_http import OpenAIServer
+from aiohttp import web
+
+from kvmesh.gateway.tenants import Tenant, bearer
+from kvmesh.openai_http import OpenAIServer, error_response
+from kvmesh.requests import RequestError
 from kvmesh.v1 import inference_pb2
 
 if TYPE_CHECKING:
     from kvmesh.gateway.core import GatewayCore
+
+TENANT: ContextVar[Tenant | None] = ContextVar("kvmesh_tenant", default=None)
 
 
 class GatewayBackend:
@@ -21,7 +28,8 @@ class GatewayBackend:
     def generate(
         self, request: inference_pb2.GenerateRequest
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        return self.core.generate(request)  # no client deadline over HTTP: the gateway's maximum
+        # No client deadline over HTTP: the gateway's maximum. The tenant: set by ``authenticate``.
+        return self.core.generate(request, tenant=TENANT.get())
 
     async def models(self) -> list[inference_pb2.ModelInfo]:
         return await self.core.models()
@@ -31,4 +39,19 @@ class GatewayBackend:
 
 
 def make_http_server(core: GatewayCore, shutdown_grace: float) -> OpenAIServer:
-    return OpenAIServer(GatewayBackend(core), shutdown_grace=shutdown_grace)
+    server = OpenAIServer(GatewayBackend(core), shutdown_grace=shutdown_grace)
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler):
+        """With API keys configured, /v1/* needs ``Authorization: Bearer <key>`` (401 without)."""
+        if core.tenants is None or not request.path.startswith("/v1/"):
+            return await handler(request)
+        try:
+            tenant = core.tenants.authenticate(bearer(request.headers.get("Authorization")))
+        except RequestError as e:
+            return error_response(401, "authentication_error", e.message)
+        TENANT.set(tenant)  # this handler's task only
+        return await handler(request)
+
+    server.app.middlewares.append(authenticate)  # inside openai_errors, which renders 429s
+    return server

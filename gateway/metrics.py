@@ -4,10 +4,15 @@ in tests and ``kvmesh up``). Named in the workers' style (``kvmesh:`` then the n
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 TOKEN_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+if TYPE_CHECKING:
+    from kvmesh.v1.inference_pb2 import GenerateResponse
 
 
 class GatewayMetrics:
@@ -59,6 +64,17 @@ class GatewayMetrics:
         )  # fmt: skip
         self.workers = Gauge("kvmesh:gateway_workers", "Workers in the routing pool", registry=r)
         self._server = None
+
+    def observe_prediction(
+        self, matched_tokens: int, prompt_len: int, block_size: int, final: GenerateResponse
+    ) -> None:
+        """Index accuracy: the prefix the gateway expected on the worker vs what the worker reused
+        (capped like the worker, which always computes the last prompt token)."""
+        expected = min(matched_tokens, (prompt_len - 1) // block_size * block_size)
+        self.expected_cached.inc(expected)
+        self.actual_cached.inc(final.usage.cached_tokens)
+        if final.usage.cached_tokens < expected:
+            self.overestimates.inc()
 
     def serve(self, host: str, port: int) -> int:
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)

@@ -22,6 +22,7 @@ from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.models import ModelDirectory
 from kvmesh.gateway.pool import WorkerPool
 from kvmesh.gateway.router import Router
+from kvmesh.gateway.tenants import Tenant, Tenants, bearer, load_keys
 from kvmesh.gateway.tokenizer import LocalTokenizer, WorkerTokenizer
 from kvmesh.requests import MAX_REQUEST_BYTES, RequestError
 from kvmesh.rpc import RpcServer
@@ -50,6 +51,7 @@ class GatewayOptions:
     max_timeout_s: float = 600.0  # clamps client deadlines (and bounds deadline-less calls)
     shutdown_grace: float = 25.0
     max_request_bytes: int = MAX_REQUEST_BYTES  # larger requests: INVALID_ARGUMENT (HTTP 413)
+    api_keys_file: str = ""  # JSON: API key -> tenant, cache salt, limits (gateway/tenants.py)
     tls: ServerTls = field(default_factory=ServerTls)  # clients -> gateway: TLS, mTLS with a client CA
     worker_tls: ClientTls = field(default_factory=ClientTls)  # gateway -> workers
 
@@ -60,10 +62,23 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
 
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant | None:
+        """The caller's tenant from its ``authorization`` metadata when API keys are configured."""
+        if self.core.tenants is None:
+            return None
+        try:
+            return self.core.tenants.authenticate(
+                bearer(dict(context.invocation_metadata()).get("authorization"))
+            )
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise
+
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        generation = self.core.generate(request, context.time_remaining())
+        tenant = await self._tenant(context)
+        generation = self.core.generate(request, context.time_remaining(), tenant)
         try:
             first = True
             async for response in generation:
@@ -79,6 +94,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
+        await self._tenant(context)
         try:
             ids = await self.core.tokenize(request, context.time_remaining())
         except RequestError as e:
@@ -88,6 +104,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
+        await self._tenant(context)
         models = await self.core.models()
         if not models:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is registered")
@@ -123,6 +140,8 @@ class Gateway:
             max_attempts=options.max_attempts, max_timeout_s=options.max_timeout_s,
             max_request_bytes=options.max_request_bytes,
         )  # fmt: skip
+        if options.api_keys_file:
+            self.core.tenants = Tenants(load_keys(options.api_keys_file), options.redis_url, deployments[0])
         self.watcher = (
             WorkerWatcher(self.store, options.workers, tls=options.worker_tls)
             if options.workers and not options.redis_url
@@ -184,6 +203,8 @@ class Gateway:
             await pool.close()
         for store in self.stores:
             await store.close()
+        if self.core.tenants is not None:
+            await self.core.tenants.close()
         self.metrics.close()
 
 
