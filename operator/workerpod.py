@@ -120,9 +120,15 @@ def worker_env(spec: DeploymentSpec, redis: RedisDefaults) -> list[Manifest]:
     return [e for e in env if e["name"] not in overridden] + copy.deepcopy(spec.env)
 
 
-def _grpc_probe(period: int, failures: int, timeout: int = 5) -> Manifest:
+# The worker's health service: "" turns SERVING once the model is loaded and the worker is registered in
+# Redis (readiness: route to it); kvmesh.v1.Worker once the model is loaded (startup and liveness: a
+# worker that cannot reach Redis is left running, not restarted).
+LOADED_SERVICE = "kvmesh.v1.Worker"
+
+
+def _grpc_probe(period: int, failures: int, timeout: int = 5, service: str = "") -> Manifest:
     return {
-        "grpc": {"port": WORKER_PORT},
+        "grpc": {"port": WORKER_PORT, **({"service": service} if service else {})},
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": timeout,
@@ -221,9 +227,9 @@ def worker_container(
         "resources": _resources(spec),
         # Loading weights can take long: the startup probe allows rollout.startupTimeoutSeconds, then
         # liveness takes over.
-        "startupProbe": _grpc_probe(period=STARTUP_PERIOD_S, failures=startup_failures(spec)),
+        "startupProbe": _grpc_probe(STARTUP_PERIOD_S, startup_failures(spec), service=LOADED_SERVICE),
         "readinessProbe": _grpc_probe(period=5, failures=3),
-        "livenessProbe": _grpc_probe(period=10, failures=6),
+        "livenessProbe": _grpc_probe(period=10, failures=6, service=LOADED_SERVICE),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,

@@ -229,8 +229,11 @@ def test_rollout_strategy_and_deadline_follow_the_spec() -> None:
 
 def test_probes_use_grpc_health_on_the_worker_port() -> None:
     container = worker(deployment())
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": 50051}
+    # Ready once registered in Redis; started and alive once the model is loaded, so a worker that cannot
+    # reach Redis is taken out of rotation, not restarted.
+    assert container["readinessProbe"]["grpc"] == {"port": 50051}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051, "service": "kvmesh.v1.Worker"}
 
 
 def test_runs_as_non_root_with_a_read_only_root_filesystem() -> None:
