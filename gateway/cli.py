@@ -66,6 +66,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-request-bytes", type=int, default=None,
         help="largest request accepted, in bytes (default 8 MiB); larger: INVALID_ARGUMENT / HTTP 413",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-connection-age", type=float, default=0.0,
+        help="seconds before a client connection is asked to reconnect (GOAWAY; calls in flight finish), "
+        "so long-lived clients spread over gateway replicas added later; 0: never",
+    )  # fmt: skip
     add_server_flags(parser)
     add_worker_client_flags(parser)
     parser.add_argument(
@@ -104,6 +109,7 @@ def options_from_args(args: argparse.Namespace, published: dict[str, str] | None
         max_timeout_s=args.max_timeout,
         shutdown_grace=args.shutdown_grace,
         max_request_bytes=args.max_request_bytes or MAX_REQUEST_BYTES,
+        max_connection_age_s=args.max_connection_age,
         tls=server_tls(args),
         worker_tls=worker_client_tls(args),
         api_keys_file=args.api_keys_file,

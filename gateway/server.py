@@ -51,6 +51,7 @@ class GatewayOptions:
     max_timeout_s: float = 600.0  # clamps client deadlines (and bounds deadline-less calls)
     shutdown_grace: float = 25.0
     max_request_bytes: int = MAX_REQUEST_BYTES  # larger requests: INVALID_ARGUMENT (HTTP 413)
+    max_connection_age_s: float = 0.0  # > 0: client connections get a GOAWAY after this long
     api_keys_file: str = ""  # JSON: API key -> tenant, cache salt, limits (gateway/tenants.py)
     tls: ServerTls = field(default_factory=ServerTls)  # clients -> gateway: TLS, mTLS with a client CA
     worker_tls: ClientTls = field(default_factory=ClientTls)  # gateway -> workers
@@ -151,6 +152,7 @@ class Gateway:
             ["kvmesh.v1.Inference"],
             [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(self.core), s)],
             max_request_bytes=options.max_request_bytes,
+            max_connection_age_s=options.max_connection_age_s,
         )
         self.http = (
             make_http_server(self.core, options.shutdown_grace) if options.http_port is not None else None

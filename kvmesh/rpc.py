@@ -46,6 +46,7 @@ class RpcServer:
         services: Sequence[str],
         register: Sequence[Callable[[grpc.aio.Server], None]],
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_connection_age_s: float = 0.0,
     ) -> None:
         self.services = ("", *services)
         self.health = health.aio.HealthServicer()
@@ -53,7 +54,12 @@ class RpcServer:
         # limit the request path answers INVALID_ARGUMENT with the limit in the message.
         receive = ("grpc.max_receive_message_length", max_request_bytes + GRPC_HEADROOM_BYTES)
         self.malformed = MalformedRequests()  # INVALID_ARGUMENT and a rate-limited line, no traceback
-        self.server = grpc.aio.server(interceptors=[self.malformed], options=[*SERVER_OPTIONS, receive])
+        options = [*SERVER_OPTIONS, receive]
+        if max_connection_age_s > 0:
+            # A GOAWAY after this age (gRPC adds jitter) makes long-lived clients reconnect, and so spread
+            # over replicas added since; calls in flight finish on the old connection (no grace limit).
+            options.append(("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)))
+        self.server = grpc.aio.server(interceptors=[self.malformed], options=options)
         for add in register:
             add(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -76,7 +76,7 @@ def test_helm_template_defaults(kube: Any) -> None:
     gw = gateway["containers"][0]
     assert gw["command"] == ["kvmesh", "gateway"]
     assert f"--deployment={NAMESPACE}/smollm2" in gw["args"]
-    assert "--http-port=8000" in gw["args"]
+    assert "--http-port=8000" in gw["args"] and "--max-connection-age=300" in gw["args"]
     gw_ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
     assert gw_ports == {"grpc": 50051, "metrics": 9090, "http": 8000}
     service_ports = {p["name"]: p["port"] for p in named(docs, "Service", "kvmesh-gateway")["spec"]["ports"]}

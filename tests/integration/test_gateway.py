@@ -291,3 +291,30 @@ async def test_killing_a_worker_loses_no_request_that_had_not_started(workers, m
             assert response.worker_id != victim.worker_id
     finally:
         await gateway.stop(1)
+
+
+async def _stays_ready(channel: grpc.aio.Channel, seconds: float) -> bool:
+    """Whether the channel keeps its connection (READY) for `seconds` with no call of ours."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if channel.get_state() != grpc.ChannelConnectivity.READY:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+async def test_max_connection_age_sends_long_lived_clients_to_reconnect(workers):
+    aged = await start_gateway(workers=[w.address for w in workers], max_connection_age_s=1.0)
+    plain = await start_gateway(workers=[w.address for w in workers])
+    try:
+        for gateway, age_limited in ((aged, True), (plain, False)):
+            async with grpc.aio.insecure_channel(gateway.address) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+                # A GOAWAY (after 1 s plus gRPC's jitter) drops the connection of the aged gateway only.
+                assert await _stays_ready(channel, 4.0) is not age_limited
+                models = await stub.ListModels(pb.ListModelsRequest(), timeout=10)  # reconnects
+                assert models.models
+    finally:
+        await aged.stop(1)
+        await plain.stop(1)
