@@ -226,25 +226,47 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def import_images(self) -> None:
         """Builds (or finds cached) the images and imports each archive once under its chart name."""
+        for _attempt in range(2):
+            missing = self._import_built(self._build_images())
+            if not missing:
+                return
+            # Imported into a containerd store that has since gone: forget them and build them again.
+            for stamp in missing:
+                stamp.unlink(missing_ok=True)
+        raise ClusterError(f"images missing after a rebuild: {missing}")
+
+    @staticmethod
+    def _build_images() -> list[str]:
         done = subprocess.run(
             ["bash", str(REPO_ROOT / "scripts" / "images" / "build.sh")], capture_output=True, text=True
         )
         if done.returncode != 0:
             raise ClusterError(f"scripts/images/build.sh failed:\n{done.stderr[-4000:]}")
+        return done.stdout.splitlines()
+
+    def _import_built(self, lines: list[str]) -> list[Path]:
+        """Imports what is not in containerd yet; returns the stamps of images it cannot find anywhere."""
         present = set(self.ctr("images", "ls", "-q").split())
-        for line in done.stdout.splitlines():
+        missing = []
+        for line in lines:
             name, archive, key = line.split("\t")
             stamp = Path(archive).with_suffix(".imported")
-            marker = f"kvmesh.local/built/{stamp.stem.rsplit('-', 1)[0]}:{key}"  # one tag per build
+            short = stamp.stem.rsplit("-", 1)[0]
+            marker = f"kvmesh.local/built/{short}:{key}"  # one tag per build
             if marker in present and name in present:
                 continue
-            if not Path(archive).exists():  # imported into a containerd store that has since gone
-                stamp.unlink(missing_ok=True)
-                raise ClusterError(f"{name} is no longer in {self.root}; run scripts/images/build.sh again")
+            if not Path(archive).exists():
+                missing.append(stamp)
+                continue
             self.ctr("images", "import", archive, timeout=900)
             self.ctr("images", "tag", "--force", name, marker)
             stamp.touch()
             Path(archive).unlink()  # containerd holds it now; the stamp keeps build.sh from rebuilding
+            # Earlier builds' tags would keep their layers in the store forever.
+            for old in present:
+                if old.startswith(f"kvmesh.local/built/{short}:") and old != marker:
+                    self.ctr("images", "rm", old, check=False)
+        return missing
 
     # ---- Kubernetes components -------------------------------------------------------------------
     def _start_scheduler(self) -> None:

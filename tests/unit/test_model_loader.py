@@ -31,5 +31,5 @@ def test_a_hub_repository_that_cannot_be_fetched_gives_a_clear_error(monkeypatch
 def test_a_path_that_is_neither_directory_file_nor_repo_is_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing" / "deep" / "path"))
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         resolve_model(str(tmp_path))
