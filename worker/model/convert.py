@@ -12,11 +12,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,9 +80,10 @@ def _convert(gguf: Path, target: Path) -> None:
         "Converting %s (%.0f MB) to float32 safetensors, once: about half a minute on 2 CPUs",
         gguf.name, gguf.stat().st_size / 1e6,
     )  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".convert-{target.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model directory
+    # Named before it exists, so an interrupt at any point (even while it is being made) removes it.
+    tmp = target.parent / f".convert-{target.name}-{os.getpid()}"
     try:
+        tmp.mkdir(mode=0o755)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers will not save_pretrained a GGUF-dequantized model, so write the parts directly.
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
