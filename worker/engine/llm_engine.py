@@ -29,11 +29,40 @@ class MetricsSink(Protocol):
     def on_finished(self, seq: Sequence) -> None: ...
 
 
+def check_request(
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    vocab_size: int,
+    max_model_len: int,
+    generation_defaults: dict,
+) -> SamplingParams:
+    """Validates a prompt and its settings (raises InvalidRequest); returns the settings with the
+    model's defaults filled in. The worker's front runs it too, so a bad request fails before it
+    reaches the engine core."""
+    if not prompt_token_ids:
+        raise InvalidRequest("prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {vocab_size})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise InvalidRequest(
+            f"prompt has {len(prompt_token_ids)} tokens but the context holds {max_model_len}, "
+            "leaving no room to generate"
+        )
+    params = params.with_defaults(generation_defaults)
+    params.validate(vocab_size, max_model_len)
+    return params
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, detokenize: bool = True) -> None:
+        """``detokenize=False`` leaves text and stop strings to the caller (the worker's front,
+        in another process): outputs then carry token ids only and ``text`` is empty."""
         config.validate()
         self.config = config
+        self.detokenize = detokenize
         files = loader.resolve_model(config.model)
+        self.model_dir = files.directory
         self.model_name = config.served_model_name or files.name
         hf_config = loader.load_config(files.directory)
         self.tokenizer = loader.load_tokenizer(files.directory)
@@ -76,18 +105,9 @@ class LLMEngine:
         cache_salt: str = "",
     ) -> Sequence:
         """Validates a request and builds its sequence (raises InvalidRequest)."""
-        if not prompt_token_ids:
-            raise InvalidRequest("prompt is empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {len(prompt_token_ids)} tokens but the context holds {self.max_model_len}, "
-                "leaving no room to generate"
-            )
-        params = params.with_defaults(self.generation_defaults)
-        params.validate(self.vocab_size, self.max_model_len)
+        params = check_request(
+            prompt_token_ids, params, self.vocab_size, self.max_model_len, self.generation_defaults
+        )
         seq = Sequence(
             request_id=request_id,
             token_ids=list(prompt_token_ids),
@@ -102,9 +122,10 @@ class LLMEngine:
         if seq.request_id in self.seqs:
             raise InvalidRequest(f"request id {seq.request_id!r} is already running")
         self.seqs[seq.request_id] = seq
-        self.detokenizers[seq.request_id] = IncrementalDetokenizer(
-            self.tokenizer, seq.token_ids, seq.params.stop
-        )
+        if self.detokenize:
+            self.detokenizers[seq.request_id] = IncrementalDetokenizer(
+                self.tokenizer, seq.token_ids, seq.params.stop
+            )
         seq.added_time = time.monotonic()
         self.scheduler.add(seq)
 
@@ -160,13 +181,14 @@ class LLMEngine:
             seq.token_ids.append(token)
             seq.update_block_hashes(self.block_size)
             self.stats.generation_tokens += 1
-            hit_stop = self.detokenizers[seq.request_id].add(token)
+            detok = self.detokenizers.get(seq.request_id)
+            hit_stop = detok.add(token) if detok is not None else False
             seq.finish_reason = self._finish_reason(seq, token, hit_stop)
             if seq.finished:
                 self.scheduler.remove(seq)
                 outputs.append(self._finish(seq, [token]))
             else:
-                text = self.detokenizers[seq.request_id].take(final=False)
+                text = detok.take(final=False) if detok is not None else ""
                 outputs.append(self._delta(seq, text, [token]))
             if logprobs is not None and logprobs[row] is not None:
                 outputs[-1].logprobs = [logprobs[row]]
@@ -191,11 +213,11 @@ class LLMEngine:
         )
 
     def _finish(self, seq: Sequence, token_ids: list[int]) -> StepOutput:
-        detok = self.detokenizers.pop(seq.request_id)
+        detok = self.detokenizers.pop(seq.request_id, None)
         del self.seqs[seq.request_id]
         self.stats.finished_requests += 1
         if self.metrics_sink is not None:
             self.metrics_sink.on_finished(seq)
-        out = self._delta(seq, detok.take(final=True), token_ids)
+        out = self._delta(seq, detok.take(final=True) if detok is not None else "", token_ids)
         out.finished, out.finish_reason = True, seq.finish_reason
         return out
