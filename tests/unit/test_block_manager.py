@@ -159,3 +159,27 @@ def test_scheduler_preempts_the_latest_lowest_priority_sequence_when_blocks_run_
     assert out.num_preempted == 1
     assert [s.request_id for s in out.seqs] == ["a"]
     assert sched.num_waiting == 1 and b.block_table == [] and b.num_computed_tokens == 0
+
+
+def test_a_long_prefill_ahead_in_priority_never_takes_the_decodes_tokens():
+    bm = BlockManager(64, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
+    shorts = [make_seq([1, 2], rid=f"s{i}") for i in range(3)]
+    for s in shorts:
+        sched.add(s)
+    assert sched.schedule().num_tokens == [2, 2, 2]
+    for s in shorts:
+        s.num_computed_tokens = 2
+        s.token_ids.append(7)  # sampled: each is now a decode
+    urgent = make_seq(list(range(100, 140)), rid="urgent", priority=-1)  # sorts before the decodes
+    sched.add(urgent)
+    for step in range(3):
+        out = sched.schedule()
+        scheduled = dict(zip((s.request_id for s in out.seqs), out.num_tokens))
+        # Every decode runs each step; the higher-priority prompt's chunk takes what they leave.
+        assert scheduled == {"urgent": 5, "s0": 1, "s1": 1, "s2": 1}
+        assert step == 0 or out.seqs[0] is urgent  # once running, it leads in priority order
+        for seq, n in zip(out.seqs, out.num_tokens):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(7)

@@ -66,9 +66,20 @@ class Scheduler:
         i = 0
         # Running sequences first, in priority order, so preemption victims come from the tail.
         self.running.sort(key=lambda s: s.sort_key)
+        # Every running decode keeps a token of the budget: an earlier request's prefill chunk
+        # takes only what the decodes leave, so no stream stalls behind a long prompt.
+        decodes_left = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens <= 1)
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = seq.num_tokens - seq.num_computed_tokens
+            if need <= 1:
+                decodes_left -= 1
+                n = min(need, budget)
+            else:
+                n = min(need, budget - decodes_left)
+                if n <= 0:  # this step's budget belongs to decodes; the chunk waits a step
+                    i += 1
+                    continue
             while not self.blocks.allocate_slots(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
