@@ -1,6 +1,7 @@
 """The gateway's OpenAI-compatible HTTP front: the shared aiohttp app (kvmesh/openai_http.py) over
 the same protocol-free core the gRPC front calls (gateway/core.py). Route facts (worker, matched
-tokens, attempts) come back as ``kvmesh-*`` response headers, as gRPC sends them as metadata."""
+tokens, attempts) come back as ``kvmesh-*`` response headers, as gRPC sends them as metadata.
+With TLS it serves HTTPS with the gRPC port's certificate (and its client CA, for mutual TLS)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiohttp import web
 from kvmesh.gateway.tenants import Tenant, bearer
 from kvmesh.openai_http import OpenAIServer, error_response
 from kvmesh.requests import RequestError
+from kvmesh.tls import ServerTls
 from kvmesh.v1 import inference_pb2
 
 if TYPE_CHECKING:
@@ -37,9 +39,12 @@ class GatewayBackend:
     async def ready(self) -> bool:
         return not self.core.draining and bool(await self.core.directory.refresh())
 
+    async def alive(self) -> bool:
+        return True  # answering at all is the gateway's liveness; it has no engine to lose
 
-def make_http_server(core: GatewayCore, shutdown_grace: float) -> OpenAIServer:
-    server = OpenAIServer(GatewayBackend(core), shutdown_grace=shutdown_grace)
+
+def make_http_server(core: GatewayCore, shutdown_grace: float, tls: ServerTls | None = None) -> OpenAIServer:
+    server = OpenAIServer(GatewayBackend(core), shutdown_grace=shutdown_grace, tls=tls)
 
     @web.middleware
     async def authenticate(request: web.Request, handler):

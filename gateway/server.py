@@ -155,7 +155,9 @@ class Gateway:
             max_connection_age_s=options.max_connection_age_s,
         )
         self.http = (
-            make_http_server(self.core, options.shutdown_grace) if options.http_port is not None else None
+            make_http_server(self.core, options.shutdown_grace, options.tls)
+            if options.http_port is not None
+            else None
         )
         self.address = ""
         self.http_port = 0

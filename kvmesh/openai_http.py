@@ -6,6 +6,9 @@ objects or server-sent events (kvmesh/openai_responses.py). It runs in the gRPC 
 
 Errors are OpenAI's JSON error object with the matching status, never a stack trace; an error after
 a stream started is sent as a last ``data: {"error": ...}`` event before ``data: [DONE]``.
+
+With TLS (``tls``, the gRPC port's certificate) it serves HTTPS only; with a client CA as well, every
+path but the probes' (``/health``, ``/ready``) needs a client certificate that CA signed.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from kvmesh.openai_api import ParsedRequest, parse_chat, parse_completion
 from kvmesh.openai_responses import ChoiceState, Formatter, error_body, grpc_error
 from kvmesh.requests import RequestError, RequestTooLarge
 from kvmesh.streams import merge
+from kvmesh.tls import ServerTls
 from kvmesh.v1 import inference_pb2 as pb
 
 log = logging.getLogger("kvmesh.openai_http")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 CACHE_SALT_HEADER = "X-Kvmesh-Cache-Salt"
+PROBE_PATHS = frozenset({"/health", "/ready"})  # open without a client certificate (kubelet probes)
 
 
 class Backend(Protocol):
@@ -41,6 +46,10 @@ class Backend(Protocol):
     async def models(self) -> list[pb.ModelInfo]: ...
 
     async def ready(self) -> bool: ...
+
+    async def alive(self) -> bool:
+        """``/health``: false once the process can no longer serve (restart it)."""
+        ...
 
 
 def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -77,13 +86,32 @@ async def openai_errors(request: web.Request, handler: Callable) -> web.StreamRe
         return error_response(500, "internal_error", "the server failed to answer this request")
 
 
+@web.middleware
+async def client_certificate(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Mutual TLS: the handshake has checked any certificate presented; this refuses requests that
+    presented none, except the probes'."""
+    if request.path in PROBE_PATHS or request.transport is None:
+        return await handler(request)
+    if not request.transport.get_extra_info("peercert"):
+        return error_response(401, "authentication_error", "a client certificate is required (mutual TLS)")
+    return await handler(request)
+
+
 class OpenAIServer:
     def __init__(
-        self, backend: Backend, extra_routes: list[web.RouteDef] | None = None, shutdown_grace: float = 1.0
+        self,
+        backend: Backend,
+        extra_routes: list[web.RouteDef] | None = None,
+        shutdown_grace: float = 1.0,
+        tls: ServerTls | None = None,
     ) -> None:
         self.backend = backend
         self.shutdown_grace = shutdown_grace  # what in-flight answers get once ``stop`` is called
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
+        self.tls = tls or ServerTls()
+        middlewares = [openai_errors]
+        if self.tls.requires_client_cert:
+            middlewares.append(client_certificate)
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         self.app.add_routes(
             [
                 web.post("/v1/completions", self.completions),
@@ -107,8 +135,10 @@ class OpenAIServer:
             shutdown_timeout=self.shutdown_grace,
             handler_cancellation=True,
         )
+        # Before setup: an unreadable certificate fails the start, with nothing left listening.
+        ssl_context = self.tls.ssl_context()
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_port=False)
+        site = web.TCPSite(self.runner, host, port, reuse_port=False, ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self.port
@@ -119,7 +149,9 @@ class OpenAIServer:
 
     # -- routes -----------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        return json_response(200, {"status": "ok"})
+        if await self.backend.alive():
+            return json_response(200, {"status": "ok"})
+        return error_response(503, "service_unavailable_error", "not serving")
 
     async def readiness(self, request: web.Request) -> web.Response:
         if await self.backend.ready():

@@ -1,5 +1,6 @@
-"""TLS and mutual TLS for kvmesh's gRPC hops (client -> gateway, gateway -> worker), from PEM files
-(a mounted Kubernetes Secret, e.g. one cert-manager issues: ``tls.crt``, ``tls.key``, ``ca.crt``).
+"""TLS and mutual TLS for kvmesh's hops (client -> gateway, gateway -> worker; gRPC and the OpenAI
+HTTP API), from PEM files (a mounted Kubernetes Secret, e.g. one cert-manager issues: ``tls.crt``,
+``tls.key``, ``ca.crt``).
 
 A server given a certificate and key serves TLS; given a client CA as well, it requires and checks
 client certificates (mTLS). A client given a CA verifies the server against it; given a certificate
@@ -9,6 +10,7 @@ the gateway can verify workers against one fixed name (``server_name``, e.g. the
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +41,29 @@ class ServerTls:
             root_certificates=_read(self.client_ca),
             require_client_auth=bool(self.client_ca),
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The HTTP front's context: the same certificate as the gRPC port (None: plain HTTP).
+
+        With a client CA, a certificate a client presents must chain to it (the handshake fails
+        otherwise), but presenting none is allowed here: the HTTP front then refuses every path but
+        ``/health`` and ``/ready`` (``requires_client_cert``), so the kubelet's HTTPS probes, which
+        carry no certificate, still reach them."""
+        if not self.cert:
+            return None
+        if not self.key:
+            raise ValueError("a TLS certificate needs its key (--tls-key)")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            context.load_verify_locations(cafile=self.client_ca)
+            context.verify_mode = ssl.CERT_OPTIONAL
+        return context
+
+    @property
+    def requires_client_cert(self) -> bool:
+        return bool(self.cert and self.client_ca)
 
 
 @dataclass(slots=True)

@@ -100,7 +100,7 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
         ],
         max_request_bytes=options.max_request_bytes,
     )
-    http = make_http_server(state) if options.http_port is not None else None
+    http = make_http_server(state, options.tls) if options.http_port is not None else None
     try:
         address = await rpc.start(options.host, options.port, options.tls)
         http_port = await http.start(options.host, options.http_port) if http is not None else 0

@@ -1,16 +1,20 @@
 """TLS everywhere, with certificates an openssl CA issues for the test: mutual TLS on both gRPC hops
 (client -> gateway, gateway -> worker) and ``rediss://`` to a password-protected TLS redis-server.
 A real SmolLM2 worker registers over TLS and requires client certificates, as does the gateway; a
-client with one gets its generation, a client without one, or in plaintext, gets nothing."""
+client with one gets its generation, a client without one, or in plaintext, gets nothing. The OpenAI
+HTTP fronts serve HTTPS with the same certificates."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from conftest import free_port, wait_for_port
@@ -141,3 +145,83 @@ async def run_tls(worker_launcher, files: dict[str, str], redis_url: str) -> Non
                 assert error.value.code() == grpc.StatusCode.UNAVAILABLE, name
     finally:
         await gateway.stop(1)
+
+
+async def https(session, method: str, url: str, client: ssl.SSLContext, **kwargs) -> tuple[int, dict]:
+    async with session.request(method, url, ssl=client, **kwargs) as response:
+        return response.status, await response.json()
+
+
+def client_context(files: dict[str, str], with_cert: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=files["ca.crt"])
+    if with_cert:
+        context.load_cert_chain(files["client.crt"], files["client.key"])
+    return context
+
+
+async def wait_ready_https(session, url: str, context: ssl.SSLContext, proc, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if (await https(session, "GET", url, context))[0] == 200:
+                return
+        except aiohttp.ClientError:
+            pass
+        assert proc.poll() is None, "the process exited"
+        assert time.monotonic() < deadline, f"{url} not ready in time"
+        await asyncio.sleep(0.3)
+
+
+async def test_http_fronts_serve_https_with_the_grpc_certificate(worker_launcher, tmp_path):
+    """The OpenAI HTTP fronts of a real worker (mutual TLS) and a real gateway process (TLS) serve
+    HTTPS only: plain HTTP gets no answer; under mutual TLS the API needs a client certificate the
+    CA signed (none: 401; one from another CA: no handshake), while /health and /ready, what the
+    kubelet's HTTPS probes ask, stay open."""
+    files = issue(tmp_path)
+    (tmp_path / "other").mkdir()
+    foreign = issue(tmp_path / "other")  # another CA, and a client certificate it signed
+    http_port = free_port()
+    mtls = ["--tls-cert", files["server.crt"], "--tls-key", files["server.key"]]
+    mtls += ["--tls-client-ca", files["ca.crt"], "--http-port", str(http_port)]
+    worker = worker_launcher.start("w-https", deployment="https", extra=mtls, wait=False)
+    gateway_http, gateway_grpc = free_port(), free_port()
+    gateway = subprocess.Popen(
+        [
+            sys.executable, "-m", "kvmesh.cli", "gateway", "--host", "127.0.0.1",
+            "--port", str(gateway_grpc), "--http-port", str(gateway_http), "--worker", worker.address,
+            "--tls-cert", files["server.crt"], "--tls-key", files["server.key"],
+            "--worker-tls-ca", files["ca.crt"], "--worker-tls-cert", files["client.crt"],
+            "--worker-tls-key", files["client.key"], "--worker-tls-server-name", "kvmesh-worker",
+        ],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "gateway.log").open("wb"),
+    )  # fmt: skip
+    with_cert, without_cert = client_context(files), client_context(files, with_cert=False)
+    foreign_client = client_context({**foreign, "ca.crt": files["ca.crt"]})
+    body = {"prompt": "The capital of France is", "max_tokens": 3}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            w = f"https://127.0.0.1:{http_port}"
+            await wait_ready_https(session, f"{w}/ready", without_cert, worker.proc)
+            assert (await https(session, "GET", f"{w}/health", without_cert))[0] == 200
+            status, error = await https(session, "GET", f"{w}/v1/models", without_cert)
+            assert status == 401 and "client certificate" in error["error"]["message"]
+            status, answer = await https(session, "POST", f"{w}/v1/completions", with_cert, json=body)
+            assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
+            with pytest.raises(aiohttp.ClientError):  # the handshake refuses a foreign certificate
+                await https(session, "GET", f"{w}/v1/models", foreign_client)
+
+            g = f"https://127.0.0.1:{gateway_http}"
+            await wait_ready_https(session, f"{g}/ready", without_cert, gateway)
+            # TLS without a client CA: no client certificate needed; the hop to the worker is mTLS.
+            status, answer = await https(session, "POST", f"{g}/v1/completions", without_cert, json=body)
+            assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
+            for url in (f"http://127.0.0.1:{http_port}/health", f"http://127.0.0.1:{gateway_http}/health"):
+                with pytest.raises(aiohttp.ClientError):  # plain HTTP to a TLS port: no answer
+                    async with session.get(url) as response:
+                        await response.read()
+            with pytest.raises(aiohttp.ClientError):  # a client that checks the server: it must
+                await https(session, "GET", f"{g}/health", ssl.create_default_context())
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text() + worker.log()
