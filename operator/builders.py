@@ -17,6 +17,7 @@ from kvmesh.operator.workerpod import (
     METRICS_PORT,
     WORKER_PORT,
     RedisDefaults,
+    WorkerTls,
     build_worker_pod_spec,
     resolve_model,
     worker_container,
@@ -36,6 +37,7 @@ class OperatorConfig:
     worker_image: str = "ghcr.io/kvmesh/kvmesh-worker:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     redis: RedisDefaults = field(default_factory=RedisDefaults)
+    tls: WorkerTls = field(default_factory=WorkerTls)
     cluster_domain: str = "svc"
 
 
@@ -150,8 +152,9 @@ def build_worker_deployment(owner: Owner, spec: DeploymentSpec, config: Operator
         image=spec.image or config.worker_image,
         pull=spec.image_pull_policy or config.image_pull_policy,
         redis=config.redis,
+        tls=config.tls,
     )
-    pod_spec = build_worker_pod_spec(spec, container, resolve_model(spec))
+    pod_spec = build_worker_pod_spec(spec, container, resolve_model(spec), config.tls, config.redis)
     override_meta = spec.pod_template.get("metadata") or {}
     annotations = {
         **(override_meta.get("annotations") or {}),

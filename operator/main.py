@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from kvmesh.operator.leader import LeaderElector
 from kvmesh.operator.reconcile import Reconciler
 from kvmesh.operator.routing import RoutingPublisher
 from kvmesh.operator.spec import SecretKeyRef
-from kvmesh.operator.workerpod import RedisDefaults
+from kvmesh.operator.workerpod import RedisDefaults, WorkerTls
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/kvmesh/kvmesh-worker:0.1.0"
 log = logging.getLogger("kvmesh.operator")
@@ -76,6 +77,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "the Redis password, passed to the workers by env",
     )
     parser.add_argument(
+        "--redis-ca-secret",
+        metavar="NAME",
+        default="",
+        help="Secret (in each InferenceDeployment's namespace) whose ca.crt a rediss:// --redis-url "
+        "trusts: mounted into the workers at /etc/kvmesh/redis-ca, where the URL's ssl_ca_certs names it",
+    )
+    parser.add_argument(
+        "--worker-tls-secret",
+        metavar="NAME",
+        default="",
+        help="kubernetes.io/tls Secret (in each InferenceDeployment's namespace; tls.crt, tls.key, "
+        "ca.crt) the workers serve gRPC and HTTP over TLS with",
+    )
+    parser.add_argument(
+        "--worker-tls-client-auth",
+        action="store_true",
+        help="workers require client certificates signed by the Secret's ca.crt (mutual TLS)",
+    )
+    parser.add_argument(
         "--no-autoscaler",
         action="store_true",
         help="never read nor write Redis (no autoscaling, routing settings not published)",
@@ -90,7 +110,8 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
     return OperatorConfig(
         worker_image=args.worker_image,
         image_pull_policy=args.image_pull_policy,
-        redis=RedisDefaults(url=args.redis_url, password_secret=password),
+        redis=RedisDefaults(url=args.redis_url, password_secret=password, ca_secret=args.redis_ca_secret),
+        tls=WorkerTls(secret=args.worker_tls_secret, client_auth=args.worker_tls_client_auth),
     )
 
 
@@ -153,6 +174,9 @@ def _standby_liveness(url: str) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.worker_tls_client_auth and not args.worker_tls_secret:
+        print("kvmesh operator: --worker-tls-client-auth needs --worker-tls-secret", file=sys.stderr)
+        return 2
     fmt = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=args.verbose, log_format=fmt[args.log_format])
     if not args.verbose:

@@ -2,7 +2,8 @@
 
 One configuration channel: everything the worker process reads travels as flags of `kvmesh worker`
 (tested against its parser); env carries only secrets (the Redis URL and password, from Secrets) and
-the libraries' cache locations.
+the libraries' cache locations. Certificates (the workers' TLS, the CA of a ``rediss://`` Redis) are
+Secret volumes whose file paths the flags and the URL name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ CACHE_DIR = "/var/cache/kvmesh"
 RUN_AS_USER = 1000
 TERMINATION_GRACE_S = 60  # the worker pod's grace period; streams drain within it
 STARTUP_PERIOD_S = 10
+TLS_MOUNT = "/etc/kvmesh/tls"  # a kubernetes.io/tls Secret: tls.crt, tls.key, ca.crt
+REDIS_CA_MOUNT = "/etc/kvmesh/redis-ca"  # ca.crt, named by the Redis URL's ssl_ca_certs
+SECRET_FILE_MODE = 0o440  # owner and fsGroup read: the worker's user is not root
 
 Manifest = dict[str, Any]
 
@@ -33,6 +37,25 @@ class RedisDefaults:
 
     url: str = "redis://kvmesh-redis:6379/0"
     password_secret: SecretKeyRef | None = None
+    # A Secret whose ca.crt a rediss:// URL trusts; mounted at REDIS_CA_MOUNT, which the URL names
+    # (``?ssl_ca_certs=/etc/kvmesh/redis-ca/ca.crt``) as it does in the operator's own pod.
+    ca_secret: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerTls:
+    """TLS of the workers' gRPC and HTTP ports (operator-wide, from its flags)."""
+
+    # A kubernetes.io/tls Secret (cert-manager's shape) in each InferenceDeployment's namespace:
+    # tls.crt and tls.key serve; ca.crt checks client certificates under mutual TLS. Empty: plaintext.
+    secret: str = ""
+    client_auth: bool = False  # require client certificates ca.crt signed (the gateway presents one)
+
+    def flags(self) -> list[str]:
+        if not self.secret:
+            return []
+        flags = ["--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key"]
+        return flags + (["--tls-client-ca", f"{TLS_MOUNT}/ca.crt"] if self.client_auth else [])
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,7 +86,9 @@ def resolve_model(spec: DeploymentSpec) -> ModelLocation:
     raise ValueError(f"unsupported model source {source!r}; use hf://, pvc:// or hostpath://")
 
 
-def worker_command(name: str, namespace: str, spec: DeploymentSpec) -> list[str]:
+def worker_command(
+    name: str, namespace: str, spec: DeploymentSpec, tls: WorkerTls | None = None
+) -> list[str]:
     """The worker container's command: the contract with `kvmesh worker`'s CLI."""
     engine = spec.engine
     return [
@@ -85,6 +110,7 @@ def worker_command(name: str, namespace: str, spec: DeploymentSpec) -> list[str]
         # In-flight streams get the pod's grace period, less time to exit before SIGKILL.
         "--shutdown-grace", str(TERMINATION_GRACE_S - 5),
         *(["--served-model-name", spec.model.served_name] if spec.model.served_name else []),
+        *(tls or WorkerTls()).flags(),
         *engine.extra_args,
     ]  # fmt: skip
 
@@ -135,6 +161,35 @@ def _grpc_probe(period: int, failures: int, timeout: int = 5, service: str = "")
     }
 
 
+def _https_probe(path: str, period: int, failures: int, timeout: int = 5) -> Manifest:
+    """Under TLS the kubelet cannot make gRPC probes (it dials them in plaintext); the HTTP port's
+    /health (loaded, as kvmesh.v1.Worker) and /ready (also registered, as "") answer the same
+    questions over HTTPS, without a client certificate even under mutual TLS."""
+    return {
+        "httpGet": {"path": path, "port": HTTP_PORT, "scheme": "HTTPS"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def _probes(spec: DeploymentSpec, tls: WorkerTls) -> Manifest:
+    """Loading weights can take long: the startup probe allows rollout.startupTimeoutSeconds, then
+    liveness takes over."""
+    startup = startup_failures(spec)
+    if tls.secret:
+        return {
+            "startupProbe": _https_probe("/health", STARTUP_PERIOD_S, startup),
+            "readinessProbe": _https_probe("/ready", period=5, failures=3),
+            "livenessProbe": _https_probe("/health", period=10, failures=6),
+        }
+    return {
+        "startupProbe": _grpc_probe(STARTUP_PERIOD_S, startup, service=LOADED_SERVICE),
+        "readinessProbe": _grpc_probe(period=5, failures=3),
+        "livenessProbe": _grpc_probe(period=10, failures=6, service=LOADED_SERVICE),
+    }
+
+
 def startup_failures(spec: DeploymentSpec) -> int:
     return math.ceil(spec.rollout.startup_timeout_s / STARTUP_PERIOD_S)
 
@@ -155,7 +210,16 @@ def _resources(spec: DeploymentSpec) -> Manifest:
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
-def _volumes(spec: DeploymentSpec, location: ModelLocation) -> tuple[list[Manifest], list[Manifest]]:
+def _secret_volume(name: str, secret: str, items: list[str] | None = None) -> Manifest:
+    source: Manifest = {"secretName": secret, "defaultMode": SECRET_FILE_MODE}
+    if items:
+        source["items"] = [{"key": key, "path": key} for key in items]
+    return {"name": name, "secret": source}
+
+
+def _volumes(
+    spec: DeploymentSpec, location: ModelLocation, tls: WorkerTls, redis: RedisDefaults
+) -> tuple[list[Manifest], list[Manifest]]:
     """(pod volumes, worker volume mounts)."""
     if spec.cache.claim_name:
         cache: Manifest = {"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name}}
@@ -174,6 +238,12 @@ def _volumes(spec: DeploymentSpec, location: ModelLocation) -> tuple[list[Manife
     if location.volume is not None:
         volumes.insert(0, location.volume)
         mounts.insert(0, {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    if tls.secret:
+        volumes.append(_secret_volume("tls", tls.secret))
+        mounts.append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
+    if redis.ca_secret and not (spec.redis.url or spec.redis.url_secret):  # only the default URL names it
+        volumes.append(_secret_volume("redis-ca", redis.ca_secret, ["ca.crt"]))
+        mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_MOUNT, "readOnly": True})
     return volumes, mounts
 
 
@@ -185,8 +255,14 @@ def _tolerations(spec: DeploymentSpec) -> list[Manifest]:
     return out + [t for t in res.tolerations if t not in out]
 
 
-def build_worker_pod_spec(spec: DeploymentSpec, container: Manifest, location: ModelLocation) -> Manifest:
-    volumes, mounts = _volumes(spec, location)
+def build_worker_pod_spec(
+    spec: DeploymentSpec,
+    container: Manifest,
+    location: ModelLocation,
+    tls: WorkerTls | None = None,
+    redis: RedisDefaults | None = None,
+) -> Manifest:
+    volumes, mounts = _volumes(spec, location, tls or WorkerTls(), redis or RedisDefaults())
     container["volumeMounts"] = mounts
     pod: Manifest = {
         "containers": [container],
@@ -211,13 +287,20 @@ def build_worker_pod_spec(spec: DeploymentSpec, container: Manifest, location: M
 
 
 def worker_container(
-    name: str, namespace: str, spec: DeploymentSpec, image: str, pull: str, redis: RedisDefaults
+    name: str,
+    namespace: str,
+    spec: DeploymentSpec,
+    image: str,
+    pull: str,
+    redis: RedisDefaults,
+    tls: WorkerTls | None = None,
 ) -> Manifest:
+    tls = tls or WorkerTls()
     return {
         "name": WORKER_CONTAINER,
         "image": image,
         "imagePullPolicy": pull,
-        "command": worker_command(name, namespace, spec),
+        "command": worker_command(name, namespace, spec, tls),
         "env": worker_env(spec, redis),
         "ports": [
             {"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
@@ -225,11 +308,7 @@ def worker_container(
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(spec),
-        # Loading weights can take long: the startup probe allows rollout.startupTimeoutSeconds, then
-        # liveness takes over.
-        "startupProbe": _grpc_probe(STARTUP_PERIOD_S, startup_failures(spec), service=LOADED_SERVICE),
-        "readinessProbe": _grpc_probe(period=5, failures=3),
-        "livenessProbe": _grpc_probe(period=10, failures=6, service=LOADED_SERVICE),
+        **_probes(spec, tls),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
