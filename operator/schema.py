@@ -91,7 +91,8 @@ _RESOURCES: Schema = {
         "shmSize": {
             "x-kubernetes-int-or-string": True,
             "default": "1Gi",
-            "description": "Size limit of /dev/shm (memory-backed; counts against the memory limit).",
+            "description": "Size limit of /dev/shm (memory-backed; counts against the memory limit as "
+            "it fills). A tensor-parallel worker gets at least 1Gi per rank, for NCCL's buffers.",
         },
         "nodeSelector": {**_STRING_MAP, "description": "Node labels a worker pod requires."},
         "tolerations": {
@@ -114,7 +115,12 @@ _ENGINE: Schema = {
         "maxModelLen": _int(4096, 16, 1048576, description="Longest context (prompt + output) in tokens."),
         "gpuMemoryUtilization": _num(0.9, 0.05, 0.99, description="Fraction of GPU memory for weights + KV."),
         "tensorParallelSize": _int(
-            1, 1, 64, description="GPUs one model copy is sharded over (only 1 is supported yet)."
+            1,
+            1,
+            64,
+            description="Ranks one model copy is sharded over (tensor parallelism): one process per GPU "
+            "in the worker pod, or per CPU process when resources.gpus is 0. The model's attention "
+            "heads and intermediate size must divide by it (the worker refuses a model that does not).",
         ),
         "extraArgs": {
             "type": "array",
@@ -124,13 +130,6 @@ _ENGINE: Schema = {
             "description": "Further `kvmesh worker` arguments, appended verbatim.",
         },
     },
-    "x-kubernetes-validations": [
-        {
-            "rule": "self.tensorParallelSize == 1",
-            "message": "engine.tensorParallelSize must be 1: tensor parallel workers are not supported "
-            "yet (serve a larger model with more memory per GPU, or quantized)",
-        }
-    ],
 }
 
 _ROUTING: Schema = {

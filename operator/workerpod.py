@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,9 @@ def worker_command(
         "--max-num-seqs", str(engine.max_num_seqs),
         "--max-model-len", str(engine.max_model_len),
         "--gpu-memory-utilization", format(engine.gpu_memory_utilization, "g"),
+        # Only when sharded: a flag more on every pod would roll every existing deployment.
+        *(["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+          if engine.tensor_parallel_size > 1 else []),
         # In-flight streams get the pod's grace period, less time to exit before SIGKILL.
         "--shutdown-grace", str(TERMINATION_GRACE_S - 5),
         *(["--served-model-name", spec.model.served_name] if spec.model.served_name else []),
@@ -228,7 +232,7 @@ def _volumes(
     volumes = [
         cache,
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(spec)}},
     ]
     mounts = [
         {"name": "cache", "mountPath": CACHE_DIR},
@@ -245,6 +249,31 @@ def _volumes(
         volumes.append(_secret_volume("redis-ca", redis.ca_secret, ["ca.crt"]))
         mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_MOUNT, "readOnly": True})
     return volumes, mounts
+
+
+# /dev/shm a tensor-parallel worker gets at least, per rank: NCCL keeps its shared-memory transport
+# and proxy buffers there (a container runtime's 64Mi default makes NCCL fail at its first collective).
+TP_SHM_PER_RANK = 1 << 30
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
+_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_UNITS.update({"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50})
+
+
+def quantity_bytes(value: str | int) -> int | None:
+    """A Kubernetes memory quantity (``1Gi``, ``512M``, ``1073741824``) in bytes; None if unparsed."""
+    match = _QUANTITY.fullmatch(str(value).strip())
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def shm_size(spec: DeploymentSpec) -> str | int:
+    """``resources.shmSize``, raised to TP_SHM_PER_RANK per rank for a tensor-parallel worker."""
+    given, ranks = spec.resources.shm_size, spec.engine.tensor_parallel_size
+    floor = TP_SHM_PER_RANK * ranks
+    if ranks > 1 and (quantity_bytes(given) or 0) < floor:
+        return f"{floor >> 30}Gi"
+    return given
 
 
 def _tolerations(spec: DeploymentSpec) -> list[Manifest]:

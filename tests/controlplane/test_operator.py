@@ -237,9 +237,9 @@ INVALID = [
         "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas",
     ),
     (
-        "tensor-parallel",
-        {"resources": {"gpus": 4}, "engine": {"tensorParallelSize": 4}},
-        "engine.tensorParallelSize must be 1: tensor parallel workers are not supported yet",
+        "tensor-parallel-gpus",
+        {"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 4}},
+        "resources.gpus must equal engine.tensorParallelSize (or be 0 for CPU)",
     ),
     (
         "idle-gpus",

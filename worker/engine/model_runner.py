@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from kvmesh.worker.engine.sampler import sample
 from kvmesh.worker.engine.scheduler import SchedulerOutput
 from kvmesh.worker.model import loader
 from kvmesh.worker.model.llama import build_model
+from kvmesh.worker.model.parallel import SINGLE, ParallelGroup, check_shardable
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,30 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir, hf_config) -> None:
+    """One rank's model shard and KV pool. With tensor_parallel_size > 1 the engine's runner is rank
+    0: it starts ranks 1..N-1 (kvmesh.worker.distributed), broadcasts each step to them and samples;
+    they build this same class with their ``group`` and run ``serve_steps``."""
+
+    def __init__(self, config: EngineConfig, model_dir, hf_config, group: ParallelGroup | None = None):
         self.config = config
-        self.device = _resolve_device(config.device)
+        self.ranks = None  # rank 0 of several: its RankSupervisor
+        size = config.tensor_parallel_size
+        device = _resolve_device(config.device)
+        if size > 1 and group is None:
+            from kvmesh.worker.distributed.ranks import RankSupervisor
+
+            check_shardable(hf_config, size)  # before any process starts
+            if getattr(config, "speculative_method", None):
+                raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet")
+            self.ranks = RankSupervisor(config, model_dir, device)
+            weakref.finalize(self, self.ranks.stop)  # also at interpreter exit
+            group = self.ranks.group
+        self.group = group or SINGLE
+        if self.group.size > 1:
+            from kvmesh.worker.distributed.ranks import rank_device
+
+            device = rank_device(device, self.group.rank)
+        self.device = device
         self.dtype = _resolve_dtype(config.dtype, self.device)
         self.hf_config = hf_config
         self.block_size = config.block_size
@@ -60,13 +83,19 @@ class ModelRunner:
         model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
         self.max_positions = min(config.max_model_len or model_max, model_max)
         torch.manual_seed(config.seed)
-        self.model = build_model(hf_config, self.backend, self.max_positions, self.device, self.dtype)
-        self.model.load_weights(loader.load_state_dict(model_dir))
+        self.model = build_model(
+            hf_config, self.backend, self.max_positions, self.device, self.dtype, self.group
+        )
+        if config.load_format == "dummy":
+            self.model.init_random(config.seed)
+        else:
+            self.model.load_weights(loader.load_state_dict(model_dir))
         self.model.eval()
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_layers = len(self.model.layers)
-        self.num_blocks = config.num_blocks or self._blocks_from_memory()
+        # Every rank holds the same blocks (of its own KV heads): the smallest pool any rank fits.
+        self.num_blocks = self.group.min_int(config.num_blocks or self._blocks_from_memory())
         # One pool: [2 (k, v), layers, blocks, block_size, kv_heads, head_dim]. On the CPU it is
         # left uninitialized: the kernel hands out zero pages as blocks are first written, so the
         # pool takes resident memory as the cache fills, not all at start.
@@ -224,15 +253,41 @@ class ModelRunner:
         """Runs the step; returns the sequences that sampled, their new tokens and, when any of
         them asked, their tokens' log-probabilities (sampler.sample)."""
         step = self.host_inputs(out)
-        if self.graphs is not None and self.graphs.can_run(step):
-            logits, greedy = self.graphs.run(step)
-            if not step.sample_seqs:
-                return [], [], None
-            return step.sample_seqs, *sample(logits, step.sample_seqs, greedy)
-        input_ids, positions, meta, logits_rows, sample_seqs = self._device_inputs(step)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        if not sample_seqs:
+        if self.ranks is None:
+            logits, greedy = self._logits(step)
+        else:  # the other ranks run the same step on their shards
+            with self.ranks.lock:
+                try:
+                    self.ranks.send_step(step)
+                    logits, greedy = self._logits(step)
+                except Exception:
+                    self.ranks.after_step_error()
+                    raise
+        if not step.sample_seqs:
             return [], [], None
+        return step.sample_seqs, *sample(logits, step.sample_seqs, greedy)
+
+    def _logits(self, step: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The step's forward pass: float32 logits of its sampled rows (None when none samples)
+        and, from a decode CUDA graph, their argmax."""
+        if self.graphs is not None and self.graphs.can_run(step):
+            return self.graphs.run(step)
+        input_ids, positions, meta, logits_rows, _ = self._device_inputs(step)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        if not logits_rows:
+            return None, None
         rows = self._to_device(logits_rows, torch.long)
-        logits = self.model.compute_logits(hidden[rows])
-        return sample_seqs, *sample(logits, sample_seqs)
+        return self.model.compute_logits(hidden[rows]), None
+
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """Ranks 1..N-1: run every step rank 0 broadcasts, until it broadcasts STOP."""
+        from kvmesh.worker.distributed.ranks import receive_step
+
+        while (step := receive_step(self.group)) is not None:
+            self._logits(step)
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks (rank 0; nothing to do on a single rank)."""
+        if self.ranks is not None:
+            self.ranks.stop()

@@ -1,7 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) over a paged KV cache.
 
 Weights use transformers' names except for two fused projections, which the
-loader builds: ``qkv_proj`` (q, k, v stacked) and ``gate_up_proj``.
+loader builds: ``qkv_proj`` (q, k, v stacked) and ``gate_up_proj``. Under tensor
+parallelism (kvmesh.worker.model.parallel) every rank builds the same modules with
+its shard's shapes and reads only its slices of the checkpoint.
 """
 
 from __future__ import annotations
@@ -13,15 +15,29 @@ from torch import nn
 
 from kvmesh.worker.attention import AttentionBackend, AttentionMetadata
 from kvmesh.worker.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from kvmesh.worker.model.parallel import (
+    SINGLE,
+    ParallelGroup,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    check_shardable,
+    head_shard,
+    shard_rows,
+    split_range,
+)
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int, backend: AttentionBackend) -> None:
+    """This rank's query heads and the KV heads they read (all of them on a single rank)."""
+
+    def __init__(self, config, layer_idx: int, backend: AttentionBackend, group: ParallelGroup = SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or self.num_heads
+        total_kv = config.num_key_value_heads or config.num_attention_heads
+        self.shard = head_shard(config.num_attention_heads, total_kv, group)
+        self.num_heads, self.num_kv_heads = self.shard.q_count, self.shard.kv_count
         self.head_dim = _head_dim(config)
         self.layer_idx = layer_idx
         self.backend = backend
@@ -30,7 +46,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(q_size * group.size, config.hidden_size, o_bias, group)
 
     def forward(self, positions, hidden, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(hidden)
@@ -45,11 +61,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config) -> None:
+    """This rank's columns of gate and up (stacked: its gate slice, then its up slice)."""
+
+    def __init__(self, config, group: ParallelGroup = SINGLE) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        local = config.intermediate_size // group.size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * local, bias=bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, group)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +76,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(self, config, layer_idx: int, backend: AttentionBackend, group: ParallelGroup = SINGLE):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, backend)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, backend, group)
+        self.mlp = MLP(config, group)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -77,20 +96,29 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, config, backend: AttentionBackend, max_positions: int, rotary: RotaryEmbedding | None = None
+        self,
+        config,
+        backend: AttentionBackend,
+        max_positions: int,
+        rotary: RotaryEmbedding | None = None,
+        group: ParallelGroup = SINGLE,
     ) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported model type {config.model_type!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
+        check_shardable(config, group.size)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
+        self.group = group
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, backend, group) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = rotary or RotaryEmbedding(config, head_dim, max_positions)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, group)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -101,14 +129,23 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits of ``hidden``; into ``out`` when given (a CUDA graph's static buffer)."""
-        logits = self.lm_head(hidden)
+        """float32 logits of ``hidden`` over the whole vocabulary (gathered from every rank); into
+        ``out`` when given (a CUDA graph's static buffer)."""
+        logits = self.lm_head.logits(hidden)
         return logits.float() if out is None else out.copy_(logits)
 
     def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copies a transformers state dict in, fusing q/k/v and gate/up."""
+        """Copies a transformers state dict in, fusing q/k/v and gate/up, and keeping only this
+        rank's shard. ``state`` may be lazy (loader.SafetensorsWeights): with ``get_slice`` each
+        shard is read from its file as a slice, never the whole tensor."""
         own = dict(self.named_parameters())
         loaded: set[str] = set()
+        getter = getattr(state, "get_slice", None)
+
+        def source(name: str):
+            if name not in state:
+                return None
+            return getter(name) if getter is not None else state[name]
 
         def put(name: str, tensor: torch.Tensor) -> None:
             param = own[name]
@@ -118,36 +155,73 @@ class LlamaForCausalLM(nn.Module):
                 param.copy_(tensor)
             loaded.add(name)
 
+        group, cfg = self.group, self.config
+        head_dim = _head_dim(cfg)
+        inter = split_range(cfg.intermediate_size, group)
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
+            p, attn = f"model.layers.{i}.", layer.self_attn.shard
+            q_rows = (attn.q_start * head_dim, (attn.q_start + attn.q_count) * head_dim)
+            kv_rows = (attn.kv_start * head_dim, (attn.kv_start + attn.kv_count) * head_dim)
             for kind in ("weight", "bias"):
-                parts = [state.get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"]
+                parts = [source(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"]
                 if all(t is not None for t in parts):
-                    put(f"layers.{i}.self_attn.qkv_proj.{kind}", torch.cat(parts))
-                parts = [state.get(f"{p}mlp.{x}_proj.{kind}") for x in ("gate", "up")]
+                    rows = [q_rows, kv_rows, kv_rows]
+                    put(
+                        f"layers.{i}.self_attn.qkv_proj.{kind}",
+                        torch.cat([t[a:b] for t, (a, b) in zip(parts, rows)]),
+                    )
+                parts = [source(f"{p}mlp.{x}_proj.{kind}") for x in ("gate", "up")]
                 if all(t is not None for t in parts):
-                    put(f"layers.{i}.mlp.gate_up_proj.{kind}", torch.cat(parts))
-            del layer
+                    put(
+                        f"layers.{i}.mlp.gate_up_proj.{kind}",
+                        torch.cat([t[inter[0] : inter[1]] for t in parts]),
+                    )
+            for short, cols in (("self_attn.o_proj", q_rows), ("mlp.down_proj", inter)):
+                weight = source(f"{p}{short}.weight")
+                if weight is not None:  # row-parallel: this rank's input columns; the bias whole
+                    put(f"layers.{i}.{short}.weight", weight[:, cols[0] : cols[1]])
+        for module, name in ((self.embed_tokens, "embed_tokens.weight"), (self.lm_head, "lm_head.weight")):
+            table = source(name if name.startswith("lm_head") else f"model.{name}")
+            if table is not None and name in own:  # a tied head is the embedding's parameter
+                start = group.rank * module.rows
+                put(name, shard_rows(table, start, start + module.rows, cfg.vocab_size))
         for name in state:  # names first: a lazy state reads only the tensors it copies
             if not name.startswith("model.") and not name.startswith("lm_head."):
                 continue
             short = name.removeprefix("model.")
             if short in own and short not in loaded:
                 put(short, state[name])
-        if self.config.tie_word_embeddings:
+        if cfg.tie_word_embeddings:
             loaded.add("lm_head.weight")
         missing = sorted(set(own) - loaded)
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {missing[:8]}")
 
+    def init_random(self, seed: int) -> None:
+        """Random weights in place of a checkpoint (benchmarks of shapes no one has on disk): each
+        rank draws its own shard, norms are ones. The tokens such a model produces mean nothing."""
+        gen = torch.Generator(device=self.embed_tokens.weight.device)
+        gen.manual_seed(seed * 1009 + self.group.rank)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0.0, 0.02, generator=gen)
 
-def build_model(config, backend: AttentionBackend, max_positions: int, device, dtype) -> LlamaForCausalLM:
-    """The model with its parameters allocated once, in ``dtype`` on ``device``, and left
-    uninitialized: ``load_weights`` fills every one (no random init, no float32 copy first)."""
+
+def build_model(
+    config, backend: AttentionBackend, max_positions: int, device, dtype, group: ParallelGroup = SINGLE
+) -> LlamaForCausalLM:
+    """The model (this rank's shard of it) with its parameters allocated once, in ``dtype`` on
+    ``device``, and left uninitialized: ``load_weights`` fills every one (no random init, no
+    float32 copy first)."""
     with torch.device(device):  # the RoPE tables are plain tensors, built where they are used
         rotary = RotaryEmbedding(config, _head_dim(config), max_positions)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions, rotary).to(dtype)
+        model = LlamaForCausalLM(config, backend, max_positions, rotary, group).to(dtype)
     model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty moves meta parameters one by one: tie them again
         model.lm_head.weight = model.embed_tokens.weight

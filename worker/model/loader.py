@@ -148,7 +148,8 @@ def load_tokenizer(directory: Path):
 
 class SafetensorsWeights(Mapping):
     """The tensors of a model's *.safetensors files, each read from its memory-mapped file only
-    when asked for, so loading never holds a second full copy of the weights."""
+    when asked for (whole, or as the slice a tensor-parallel rank holds), so loading never holds a
+    second full copy of the weights."""
 
     def __init__(self, files: list[Path]) -> None:
         from safetensors import safe_open
@@ -160,6 +161,14 @@ class SafetensorsWeights(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._where
+
+    def get_slice(self, name: str):
+        """A lazy view of one tensor: indexing it (``[a:b]``, ``[:, a:b]``) reads only those
+        elements from the file, so a tensor-parallel rank never holds another rank's shard."""
+        return self._where[name].get_slice(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
