@@ -24,9 +24,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     max_waiting: int = 1024
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) one model copy is sharded over
     enforce_eager: bool = False
     seed: int = 0
+    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (benchmarks only)
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -37,8 +38,10 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if not 1 <= self.tensor_parallel_size <= 64:
+            raise ValueError(f"tensor_parallel_size must be in 1..64, got {self.tensor_parallel_size}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
 
