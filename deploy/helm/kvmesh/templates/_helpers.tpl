@@ -47,12 +47,76 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
 {{- end }}
 
-{{/* The Redis URL (never with a password: that travels by env from a Secret). */}}
+{{/* The Redis URL (never with a password: that travels by env from a Secret). A rediss:// URL whose
+CA comes from redis.tls.secretName names the mounted ca.crt (the same path in every pod). */}}
 {{- define "kvmesh.redis.url" -}}
+{{- $url := "" }}
 {{- if .Values.redis.enabled }}
-{{- printf "redis://%s-redis.%s.svc:6379/0" (include "kvmesh.fullname" .) .Release.Namespace }}
+{{- $scheme := ternary "rediss" "redis" .Values.redis.tls.enabled }}
+{{- $url = printf "%s://%s-redis.%s.svc:6379/0" $scheme (include "kvmesh.fullname" .) .Release.Namespace }}
 {{- else }}
-{{- required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url }}
+{{- $url = required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url }}
+{{- if .Values.redis.tls.enabled }}
+{{- fail "redis.tls.enabled serves the bundled Redis over TLS; for an external Redis give a rediss:// redis.external.url (and its CA in redis.tls.secretName)" }}
+{{- end }}
+{{- end }}
+{{- if include "kvmesh.redis.caSecret" . }}
+{{- $url = printf "%s%sssl_ca_certs=%s/ca.crt" $url (ternary "&" "?" (contains "?" $url)) (include "kvmesh.redis.caMount" .) }}
+{{- end }}
+{{- $url }}
+{{- end }}
+
+{{/* The Secret whose ca.crt clients trust the Redis server with ("" when none is mounted). */}}
+{{- define "kvmesh.redis.caSecret" -}}
+{{- if .Values.redis.tls.secretName }}
+{{- if and (not .Values.redis.enabled) (not (hasPrefix "rediss://" .Values.redis.external.url)) }}
+{{- fail "redis.tls.secretName is the CA of a TLS Redis: redis.external.url must be rediss://" }}
+{{- end }}
+{{- .Values.redis.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{- define "kvmesh.redis.caMount" -}}/etc/kvmesh/redis-ca{{- end }}
+
+{{/* redis-server flags of the bundled Redis under redis.tls: TLS only, on the usual port; clients are
+authenticated by the password, not by certificates. */}}
+{{- define "kvmesh.redis.tlsArgs" -}}
+{{- list "--port" "0" "--tls-port" "6379" "--tls-cert-file" "/etc/redis/tls/tls.crt" "--tls-key-file" "/etc/redis/tls/tls.key" "--tls-ca-cert-file" "/etc/redis/tls/ca.crt" "--tls-auth-clients" "no" | toJson }}
+{{- end }}
+
+{{/* Certificates of the gateway and the workers (the operator mounts the workers' at the same path). */}}
+{{- define "kvmesh.tls.mount" -}}/etc/kvmesh/tls{{- end }}
+
+{{- define "kvmesh.tls.secretName" -}}
+{{- required "tls.secretName is required when tls.enabled is true (a kubernetes.io/tls Secret: tls.crt, tls.key, ca.crt)" .Values.tls.secretName }}
+{{- end }}
+
+{{- define "kvmesh.tls.workerSecretName" -}}
+{{- default (include "kvmesh.tls.secretName" .) .Values.tls.workerSecretName }}
+{{- end }}
+
+{{- define "kvmesh.tls.workerServerName" -}}
+{{- default (printf "%s-gateway.%s.svc" (include "kvmesh.fullname" .) .Release.Namespace) .Values.tls.workerServerName }}
+{{- end }}
+
+{{/* The Redis CA volume of the operator and the gateways (with kvmesh.redis.caMounts). */}}
+{{- define "kvmesh.redis.caVolumes" -}}
+{{- with include "kvmesh.redis.caSecret" . }}
+- name: redis-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "kvmesh.redis.caMounts" -}}
+{{- if include "kvmesh.redis.caSecret" . }}
+- name: redis-ca
+  mountPath: {{ include "kvmesh.redis.caMount" . }}
+  readOnly: true
 {{- end }}
 {{- end }}
 
