@@ -16,6 +16,7 @@ from typing import TextIO
 import grpc
 
 from kvmesh.client import add_sampling_flags, describe_error, request_from_args
+from kvmesh.tls import api_key_from_env, client_tls
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 HELP = """Commands:
@@ -90,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = client_tls(args).sync_channel(args.target, api_key_from_env())
+    except (OSError, ValueError) as e:  # an unreadable certificate, an API key without TLS
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models

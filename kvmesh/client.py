@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from kvmesh.tls import add_client_flags, api_key_from_env, client_tls
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_TARGET = os.environ.get("KVMESH_TARGET", "127.0.0.1:50051")
@@ -135,6 +136,14 @@ async def generate(
 def describe_error(e: grpc.RpcError, target: str) -> str:
     """One line for a failed call; a target with nothing listening gets the likely fix."""
     code, details = e.code(), e.details() or ""
+    # Connected, then closed during the handshake: TLS on one side only, or a certificate refused.
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        s in details.lower() for s in ("socket closed", "ssl", "handshake")
+    ):
+        return (
+            f"error: no TLS session with {target}: it may want TLS (--tls-ca) or a client certificate "
+            f"(--tls-cert, --tls-key), or serve plaintext, or not match --tls-ca ({details})"
+        )
     if code == grpc.StatusCode.UNAVAILABLE and any(
         s in details.lower() for s in ("connect", "refused", "unreachable", "dns", "no address")
     ):
@@ -149,6 +158,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", default=DEFAULT_TARGET, help=f"gateway or worker host:port ({DEFAULT_TARGET})"
     )
+    add_client_flags(parser)  # TLS; a gateway API key comes from env KVMESH_API_KEY
     parser.add_argument("--model", default="", help="model name (default: the served model)")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -220,11 +230,14 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     async def main() -> GenerateResult:
-        async with grpc.aio.insecure_channel(args.target) as channel:
+        async with client_tls(args).channel(args.target, [], api_key_from_env()) as channel:
             return await generate(channel, request_from_args(args, prompt), args.timeout, on_delta=write)
 
     try:
         result = asyncio.run(main())
+    except (OSError, ValueError) as e:  # an unreadable certificate, an API key without TLS
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except grpc.aio.AioRpcError as e:
         if wrote_text:
             sys.stdout.write("\n")

@@ -6,10 +6,12 @@ A server given a certificate and key serves TLS; given a client CA as well, it r
 client certificates (mTLS). A client given a CA verifies the server against it; given a certificate
 and key as well, it presents them. Worker pods are dialed by IP, which certificates rarely name, so
 the gateway can verify workers against one fixed name (``server_name``, e.g. the workers' Service).
+A client's API key (``Authorization: Bearer``) travels only over TLS, as gRPC's call credentials do.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,22 +74,49 @@ class ClientTls:
     cert: str = ""  # client certificate for mTLS (with ``key``)
     key: str = ""
     server_name: str = ""  # name to verify instead of the dialed host (workers are dialed by IP)
+    system_roots: bool = False  # TLS verified against the system's CAs when no ``ca`` is given
 
     @property
     def enabled(self) -> bool:
-        return bool(self.ca)
+        return bool(self.ca) or self.system_roots
 
-    def channel(self, address: str, options: list[tuple[str, int | str]]) -> grpc.aio.Channel:
+    def _secure(
+        self, options: list[tuple[str, int | str]], api_key: str
+    ) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, int | str]]]:
         import grpc
 
         if not self.enabled:
-            return grpc.aio.insecure_channel(address, options=options)
+            if api_key:
+                raise ValueError("an API key is sent only over TLS: give --tls-ca (or --tls)")
+            return None, options
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(self.ca), private_key=_read(self.key), certificate_chain=_read(self.cert)
         )
+        if api_key:  # sent as ``authorization: Bearer <key>`` metadata on every call
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(api_key)
+            )
         if self.server_name:
             options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        return credentials, options
+
+    def channel(
+        self, address: str, options: list[tuple[str, int | str]], api_key: str = ""
+    ) -> grpc.aio.Channel:
+        import grpc
+
+        credentials, options = self._secure(options, api_key)
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=options)
         return grpc.aio.secure_channel(address, credentials, options=options)
+
+    def sync_channel(self, address: str, api_key: str = "") -> grpc.Channel:
+        import grpc
+
+        credentials, options = self._secure([], api_key)
+        if credentials is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, credentials, options=options)
 
 
 def add_server_flags(parser) -> None:
@@ -122,3 +151,35 @@ def worker_client_tls(args) -> ClientTls:
         ca=args.worker_tls_ca, cert=args.worker_tls_cert, key=args.worker_tls_key,
         server_name=args.worker_tls_server_name,
     )  # fmt: skip
+
+
+def add_client_flags(parser) -> None:
+    """How ``kvmesh generate`` and ``kvmesh chat`` reach a gateway or worker over TLS."""
+    parser.add_argument(
+        "--tls-ca", default=os.environ.get("KVMESH_TLS_CA", ""),
+        help="PEM CA bundle: connect over TLS, verifying the server against it (env KVMESH_TLS_CA)",
+    )  # fmt: skip
+    parser.add_argument("--tls", action="store_true", help="connect over TLS, verified by the system's CAs")
+    parser.add_argument(
+        "--tls-cert", default=os.environ.get("KVMESH_TLS_CERT", ""),
+        help="PEM client certificate, for servers that require one (mTLS; env KVMESH_TLS_CERT)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tls-key", default=os.environ.get("KVMESH_TLS_KEY", ""),
+        help="PEM private key of --tls-cert (env KVMESH_TLS_KEY)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tls-server-name", default="", help="name to verify in the server's certificate (default: the host)"
+    )
+
+
+def client_tls(args) -> ClientTls:
+    return ClientTls(
+        ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name,
+        system_roots=args.tls,
+    )  # fmt: skip
+
+
+def api_key_from_env() -> str:
+    """The gateway API key of a client, from env only (``KVMESH_API_KEY``): never in argv."""
+    return os.environ.get("KVMESH_API_KEY", "").strip()

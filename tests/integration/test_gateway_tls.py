@@ -7,6 +7,8 @@ HTTP fronts serve HTTPS with the same certificates."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -26,6 +28,7 @@ from kvmesh.v1 import inference_pb2 as pb
 from kvmesh.v1 import inference_pb2_grpc
 
 PASSWORD = "kvmesh-tls-redis-pw"
+API_KEY = "sk-kvmesh-tls-test"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -172,11 +175,24 @@ async def wait_ready_https(session, url: str, context: ssl.SSLContext, proc, tim
         await asyncio.sleep(0.3)
 
 
+async def cli(*args: str, api_key: str = "", stdin: bytes = b"") -> tuple[int, str]:
+    """``kvmesh <args>`` as a process: (exit code, stdout + stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "KVMESH_API_KEY"}
+    env |= {"KVMESH_API_KEY": api_key} if api_key else {}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmesh.cli", *args, env=env, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(stdin), 120)
+    return proc.returncode, out.decode(errors="replace")
+
+
 async def test_http_fronts_serve_https_with_the_grpc_certificate(worker_launcher, tmp_path):
-    """The OpenAI HTTP fronts of a real worker (mutual TLS) and a real gateway process (TLS) serve
-    HTTPS only: plain HTTP gets no answer; under mutual TLS the API needs a client certificate the
-    CA signed (none: 401; one from another CA: no handshake), while /health and /ready, what the
-    kubelet's HTTPS probes ask, stay open."""
+    """The OpenAI HTTP fronts of a real worker (mutual TLS) and a real gateway process (TLS, API
+    keys) serve HTTPS only: plain HTTP gets no answer; under mutual TLS the API needs a client
+    certificate the CA signed (none: 401; one from another CA: no handshake), while /health and
+    /ready, what the kubelet's HTTPS probes ask, stay open. ``kvmesh generate`` and ``kvmesh chat``
+    reach both over TLS, presenting a client certificate and an API key (from env) when asked."""
     files = issue(tmp_path)
     (tmp_path / "other").mkdir()
     foreign = issue(tmp_path / "other")  # another CA, and a client certificate it signed
@@ -185,6 +201,8 @@ async def test_http_fronts_serve_https_with_the_grpc_certificate(worker_launcher
     mtls += ["--tls-client-ca", files["ca.crt"], "--http-port", str(http_port)]
     worker = worker_launcher.start("w-https", deployment="https", extra=mtls, wait=False)
     gateway_http, gateway_grpc = free_port(), free_port()
+    keys = tmp_path / "api-keys.json"
+    keys.write_text(json.dumps({API_KEY: {"tenant": "acme"}}))
     gateway = subprocess.Popen(
         [
             sys.executable, "-m", "kvmesh.cli", "gateway", "--host", "127.0.0.1",
@@ -192,6 +210,7 @@ async def test_http_fronts_serve_https_with_the_grpc_certificate(worker_launcher
             "--tls-cert", files["server.crt"], "--tls-key", files["server.key"],
             "--worker-tls-ca", files["ca.crt"], "--worker-tls-cert", files["client.crt"],
             "--worker-tls-key", files["client.key"], "--worker-tls-server-name", "kvmesh-worker",
+            "--api-keys-file", str(keys),
         ],
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "gateway.log").open("wb"),
     )  # fmt: skip
@@ -214,6 +233,11 @@ async def test_http_fronts_serve_https_with_the_grpc_certificate(worker_launcher
             await wait_ready_https(session, f"{g}/ready", without_cert, gateway)
             # TLS without a client CA: no client certificate needed; the hop to the worker is mTLS.
             status, answer = await https(session, "POST", f"{g}/v1/completions", without_cert, json=body)
+            assert status == 401, answer  # API keys: a key is needed
+            auth = {"Authorization": f"Bearer {API_KEY}"}
+            status, answer = await https(
+                session, "POST", f"{g}/v1/completions", without_cert, json=body, headers=auth
+            )
             assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
             for url in (f"http://127.0.0.1:{http_port}/health", f"http://127.0.0.1:{gateway_http}/health"):
                 with pytest.raises(aiohttp.ClientError):  # plain HTTP to a TLS port: no answer
@@ -221,6 +245,25 @@ async def test_http_fronts_serve_https_with_the_grpc_certificate(worker_launcher
                         await response.read()
             with pytest.raises(aiohttp.ClientError):  # a client that checks the server: it must
                 await https(session, "GET", f"{g}/health", ssl.create_default_context())
+        # The command-line clients: over TLS, with the API key from env (never argv).
+        to_gateway = ["--target", f"127.0.0.1:{gateway_grpc}", "--tls-ca", files["ca.crt"]]
+        prompt = ["--raw", "--max-tokens", "3", "The capital of France is"]
+        code, out = await cli("generate", *to_gateway, *prompt, api_key=API_KEY)
+        assert code == 0 and "completion_tokens=3" in out, out
+        code, out = await cli("generate", *to_gateway, *prompt)
+        assert code == 1 and "UNAUTHENTICATED" in out, out
+        code, out = await cli("generate", "--target", f"127.0.0.1:{gateway_grpc}", *prompt, api_key=API_KEY)
+        assert code == 2 and "only over TLS" in out, out  # a bearer key never goes out in plaintext
+        code, out = await cli(
+            "chat", *to_gateway, "--max-tokens", "3", api_key=API_KEY, stdin=b"Hello\n/exit\n"
+        )
+        assert code == 0 and out.strip(), out
+        to_worker = ["--target", worker.address, "--tls-ca", files["ca.crt"]]
+        client_cert = ["--tls-cert", files["client.crt"], "--tls-key", files["client.key"]]
+        code, out = await cli("generate", *to_worker, *client_cert, *prompt)
+        assert code == 0 and "completion_tokens=3 " in out and "worker=w-https" in out, out
+        code, out = await cli("generate", *to_worker, *prompt)  # mTLS: no certificate, no answer
+        assert code == 1 and "no TLS session" in out, out
     finally:
         gateway.terminate()
         gateway.wait(30)
