@@ -124,6 +124,8 @@ class OpenAIServer:
         )
         self.runner: web.AppRunner | None = None
         self.port = 0
+        self.certificate_check_s = 5.0  # how often renewed certificate files are looked for
+        self._reloading: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
         # handler_cancellation: a client that hangs up cancels its handler, which aborts the
@@ -141,9 +143,19 @@ class OpenAIServer:
         site = web.TCPSite(self.runner, host, port, reuse_port=False, ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if ssl_context is not None:
+            self._reloading = asyncio.ensure_future(self._reload_certificates(ssl_context))
         return self.port
 
+    async def _reload_certificates(self, context) -> None:
+        stamps = self.tls.stamps()
+        while True:
+            await asyncio.sleep(self.certificate_check_s)
+            self.tls.reload(context, stamps)
+
     async def stop(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()
         if self.runner is not None:
             await self.runner.cleanup()
 

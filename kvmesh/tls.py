@@ -7,10 +7,15 @@ client certificates (mTLS). A client given a CA verifies the server against it; 
 and key as well, it presents them. Worker pods are dialed by IP, which certificates rarely name, so
 the gateway can verify workers against one fixed name (``server_name``, e.g. the workers' Service).
 A client's API key (``Authorization: Bearer``) travels only over TLS, as gRPC's call credentials do.
+
+Servers pick up renewed files without a restart (cert-manager renews a Secret in place and the
+kubelet swaps the mounted files): gRPC checks them before each new connection's handshake, the HTTP
+front every few seconds; connections already open keep their session.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from dataclasses import dataclass
@@ -21,8 +26,30 @@ if TYPE_CHECKING:  # grpc loads with the servers, not with the CLIs that define 
     import grpc
 
 
+log = logging.getLogger("kvmesh.tls")
+
+
 def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None
+
+
+class FileStamps:
+    """Notices replaced files (inode, mtime, size), as a Secret volume's atomic swap replaces them."""
+
+    def __init__(self, *paths: str) -> None:
+        self.paths = [p for p in paths if p]
+        self.last = self.read()
+
+    def read(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
 
 
 @dataclass(slots=True)
@@ -32,17 +59,61 @@ class ServerTls:
     client_ca: str = ""  # PEM CA bundle; set: clients must present a certificate it signed (mTLS)
 
     def credentials(self) -> grpc.ServerCredentials | None:
+        """The gRPC port's credentials; renewed files take effect at the next connection."""
         import grpc
 
         if not self.cert:
             return None
         if not self.key:
             raise ValueError("a TLS certificate needs its key (--tls-key)")
-        return grpc.ssl_server_credentials(
-            [(_read(self.key), _read(self.cert))],
-            root_certificates=_read(self.client_ca),
-            require_client_auth=bool(self.client_ca),
+
+        def configuration() -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(_read(self.key), _read(self.cert))], root_certificates=_read(self.client_ca)
+            )
+
+        initial = configuration()
+        stamps = self.stamps()
+
+        def renewed() -> grpc.ServerCertificateConfiguration | None:
+            # gRPC calls this before every handshake: three stat calls, files read only on a change.
+            now = stamps.read()
+            if now == stamps.last:
+                return None
+            try:
+                self.ssl_context()  # the pair must load and match before gRPC gets it
+                renewed_configuration = configuration()
+            except (OSError, ValueError) as e:
+                log.warning("Kept the current TLS certificate; the new files do not load error=%s", e)
+                return None
+            stamps.last = now
+            log.info("Reloaded the TLS certificate port=grpc cert=%s", self.cert)
+            return renewed_configuration
+
+        return grpc.dynamic_ssl_server_credentials(
+            initial, renewed, require_client_authentication=bool(self.client_ca)
         )
+
+    def stamps(self) -> FileStamps:
+        return FileStamps(self.cert, self.key, self.client_ca)
+
+    def reload(self, context: ssl.SSLContext, stamps: FileStamps) -> bool:
+        """Loads renewed files into ``context``, so new handshakes use them; False when nothing
+        changed or the new files do not load (the current certificate stays)."""
+        now = stamps.read()
+        if now == stamps.last:
+            return False
+        try:
+            self.ssl_context()  # load and match the pair in a scratch context first
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca:
+                context.load_verify_locations(cafile=self.client_ca)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            log.warning("Kept the current TLS certificate; the new files do not load error=%s", e)
+            return False
+        stamps.last = now
+        log.info("Reloaded the TLS certificate port=http cert=%s", self.cert)
+        return True
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The HTTP front's context: the same certificate as the gRPC port (None: plain HTTP).
