@@ -94,7 +94,7 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], torch.Tensor] = {}
         # The decode graphs' LM head output (float32) and its argmax, one row per sequence.
-        vocab = model.lm_head.weight.shape[0] if model is not None else 0
+        vocab = model.config.vocab_size if model is not None else 0  # whole: a TP rank's head is a shard
         self.logits = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=device)
         self.greedy = torch.empty(self.max_batch, dtype=torch.int64, device=device)
         self._staged = torch.cuda.Event() if device.type == "cuda" else None
