@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     watch_parent()
     import torch
 
-    from kvmesh.worker.distributed.ranks import join_group, rank_device
+    from kvmesh.worker.distributed.ranks import START_TIMEOUT, join_group, rank_device
     from kvmesh.worker.engine.config import EngineConfig
     from kvmesh.worker.engine.model_runner import ModelRunner
     from kvmesh.worker.model import loader
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     model_dir = Path(spec["model_dir"])
     device = rank_device(torch.device(spec["device"]), rank)
     store = torch.distributed.TCPStore(
-        "127.0.0.1", spec["port"], config.tensor_parallel_size, False, timeout=_start_timeout()
+        "127.0.0.1", spec["port"], config.tensor_parallel_size, False, timeout=START_TIMEOUT
     )
     group = join_group(store, rank, config.tensor_parallel_size, device)
     runner = ModelRunner(config, model_dir, loader.load_config(model_dir), group=group)
@@ -40,12 +40,6 @@ def main(argv: list[str]) -> int:
     runner.serve_steps()
     log.debug("Tensor-parallel rank %d stopped", rank)
     return 0
-
-
-def _start_timeout():
-    from kvmesh.worker.distributed.ranks import START_TIMEOUT
-
-    return START_TIMEOUT
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class RankSupervisor:
         self.size = config.tensor_parallel_size
         check_devices(device, self.size)
         self._stopping = False
+        self.ready = False  # set by rank 0's ModelRunner once every rank waits for steps
         self._failed = threading.Event()
         self._lock = threading.Lock()  # one step or the stop message on the wire at a time
         self._store = dist.TCPStore(
@@ -162,20 +163,18 @@ class RankSupervisor:
             host.broadcast(payload, 0).wait()
 
     def stop(self) -> None:
-        """Ends every rank: STOP over the group when it is idle, then a signal to any rank still up."""
+        """Ends every rank: STOP over the group when they wait for steps, then a signal to any rank
+        still up (during start-up the ranks are inside collectives no STOP would match)."""
         if self._stopping:
             return
         self._stopping = True
-        group = getattr(self, "group", None)
-        if group is not None and self._lock.acquire(timeout=2.0):
-            try:
-                if all(p.poll() is None for p in self.procs):
-                    group.host_pg.broadcast(steps.stop_header(), 0).wait()
-            except Exception as e:  # the ranks are signalled below either way
-                log.debug("STOP broadcast failed: %s", e)
-            finally:
-                self._lock.release()
-        deadline = time.monotonic() + STOP_WAIT_S
+        sent = self.ready and self._lock.acquire(timeout=2.0)  # not while a step is on the wire
+        if sent:
+            sender = threading.Thread(target=self._send_stop, name="kvmesh-rank-stop", daemon=True)
+            sender.start()
+            sender.join(STOP_WAIT_S / 2)  # a rank that does not take it is signalled below
+            self._lock.release()
+        deadline = time.monotonic() + (STOP_WAIT_S if sent else 0.0)
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -183,6 +182,13 @@ class RankSupervisor:
                 proc.kill()
                 proc.wait()
         log.info("Stopped tensor-parallel ranks 1..%d", self.size - 1)
+
+    def _send_stop(self) -> None:
+        try:
+            if all(p.poll() is None for p in self.procs):
+                self.group.host_pg.broadcast(steps.stop_header(), 0).wait()
+        except Exception as e:  # the ranks are signalled either way
+            log.debug("STOP broadcast failed: %s", e)
 
     @property
     def lock(self) -> threading.Lock:

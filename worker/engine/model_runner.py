@@ -123,6 +123,8 @@ class ModelRunner:
                 self.device,
             )
             self.graphs.capture()
+        if self.ranks is not None:  # every rank is now waiting for steps (STOP may go on the wire)
+            self.ranks.ready = True
 
     @property
     def block_bytes(self) -> int:
