@@ -226,3 +226,28 @@ def test_sigterm_stops_every_rank_cleanly(worker_launcher, tiny_model_dir):
     assert worker.proc.wait(60) == 0, worker.log()[-3000:]
     assert _wait_gone(ranks[0], 15)
     assert " ERROR " not in worker.log()
+
+
+def test_a_checkpoint_that_fails_to_load_raises_on_rank_0_and_ends_every_rank(tmp_path, tiny_model_dir):
+    """Every rank finds the weight missing; rank 0 raises the loader's error (the process lives on)
+    and its ranks are gone, with no STOP sent into a start-up collective."""
+    import gc
+
+    from safetensors.torch import load_file, save_file
+
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    (weights,) = tiny_model_dir.glob("*.safetensors")
+    state = load_file(weights)
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, tmp_path / weights.name, metadata={"format": "pt"})
+    before = set(_rank_pids(os.getpid()))
+    with pytest.raises(ValueError, match="weights missing from the checkpoint") as caught:
+        LLM(str(tmp_path), tensor_parallel_size=2, device="cpu", num_blocks=16)
+    del caught  # its traceback holds the runner; collecting it stops the ranks
+    gc.collect()
+    deadline = time.monotonic() + 15
+    while set(_rank_pids(os.getpid())) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(_rank_pids(os.getpid())) - before

@@ -45,6 +45,7 @@ START_TIMEOUT = datetime.timedelta(minutes=30)  # the other ranks load their sha
 # watchdogs, not by this timeout.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 STOP_WAIT_S = 10.0
+START_GRACE_S = 20.0  # a rank that dies while loading: how long rank 0 gets to fail by itself
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -88,6 +89,7 @@ class RankSupervisor:
         self.size = config.tensor_parallel_size
         check_devices(device, self.size)
         self._stopping = False
+        self._stopped = threading.Event()  # stop() ran: child exits from here on are expected
         self.ready = False  # set by rank 0's ModelRunner once every rank waits for steps
         self._failed = threading.Event()
         self._lock = threading.Lock()  # one step or the stop message on the wire at a time
@@ -133,9 +135,14 @@ class RankSupervisor:
         if self._stopping:
             return
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        self.fail(
-            f"tensor-parallel rank {rank} (pid {proc.pid}) died ({how}); the replica cannot run without it"
-        )
+        what = f"tensor-parallel rank {rank} (pid {proc.pid}) died ({how})"
+        if not self.ready:
+            # Start-up: a bad checkpoint or too little memory fails rank 0 too, which then raises
+            # its own error and stops the ranks; only a rank 0 still waiting on the dead one is ended.
+            log.error("%s while the model was loading", what)
+            if self._stopped.wait(START_GRACE_S):
+                return
+        self.fail(f"{what}; the replica cannot run without it")
 
     def fail(self, message: str) -> None:
         """Logs ``message`` as the one error line and ends this process (exit code 1) and every rank."""
@@ -168,6 +175,7 @@ class RankSupervisor:
         if self._stopping:
             return
         self._stopping = True
+        self._stopped.set()
         sent = self.ready and self._lock.acquire(timeout=2.0)  # not while a step is on the wire
         if sent:
             sender = threading.Thread(target=self._send_stop, name="kvmesh-rank-stop", daemon=True)
