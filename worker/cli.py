@@ -19,7 +19,7 @@ from kvmesh.redact import ARGV_WARNING, password_in_argv
 from kvmesh.tls import add_server_flags, server_tls
 
 if TYPE_CHECKING:
-    from kvmesh.worker.engine.async_engine import AsyncEngine
+    from kvmesh.worker.engine.client import EngineClient
 
 # flag -> (EngineConfig field, type, help). Omitted flags keep EngineConfig's default.
 ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -132,11 +132,12 @@ def run(args: argparse.Namespace) -> int:
         tls=server_tls(args),
     )
 
-    def load_engine() -> AsyncEngine:
-        # Imported in the loading thread: torch and transformers take seconds to import, and the
-        # port should already answer health checks (NOT_SERVING) meanwhile.
-        from kvmesh.worker.engine.async_engine import AsyncEngine
+    def load_engine() -> EngineClient:
+        # Imported in the loading thread: transformers takes seconds to import, and the port
+        # should already answer health checks (NOT_SERVING) meanwhile. The model itself loads in
+        # the engine core's process.
+        from kvmesh.worker.engine.client import EngineClient
 
-        return AsyncEngine(config)
+        return EngineClient(config)
 
     return asyncio.run(serve(options, load_engine))

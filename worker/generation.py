@@ -3,8 +3,8 @@ tokenize it, stream it through the engine as ``GenerateResponse`` messages, and 
 gone, deadline, error) abort the sequence so its KV blocks are freed.
 
 The fronts only translate: gRPC aborts with ``RequestError.code``, HTTP maps it to a status. This
-module is the seam where the engine may later move to its own process (issue 10): nothing here
-depends on which protocol asked.
+module talks to the engine core through worker/engine/client.py: nothing here depends on which
+protocol asked.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from kvmesh.worker.engine.errors import EngineStopped, InvalidRequest, QueueFull
 from kvmesh.worker.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvmesh.worker.engine.async_engine import AsyncEngine
+    from kvmesh.worker.engine.client import EngineClient
     from kvmesh.worker.servicers import WorkerState
 
 logger = logging.getLogger("kvmesh.worker.generation")
@@ -57,7 +57,7 @@ def engine_error(e: Exception) -> RequestError:
     return RequestError(code, str(e))
 
 
-def ready_engine(state: WorkerState, generating: bool = False) -> AsyncEngine:
+def ready_engine(state: WorkerState, generating: bool = False) -> EngineClient:
     if state.engine is None:
         raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
     if generating and state.draining:
@@ -65,7 +65,7 @@ def ready_engine(state: WorkerState, generating: bool = False) -> AsyncEngine:
     return state.engine
 
 
-def check_model(engine: AsyncEngine, model: str) -> None:
+def check_model(engine: EngineClient, model: str) -> None:
     if model and model != engine.model_name:
         raise RequestError(
             grpc.StatusCode.NOT_FOUND,
@@ -124,7 +124,7 @@ async def generate(
         prompt, params, request_id, priority=request.priority, cache_salt=request.cache_salt
     )
     state.begin(request_id)
-    admitted, finished, first_token_at = True, False, None
+    first_token_at = None
     try:
         async for out in stream:
             response = inference_pb2.GenerateResponse(
@@ -136,11 +136,9 @@ async def generate(
                 first_token_at = time.perf_counter()
                 state.metrics.observe_first_token(first_token_at - arrival)
             if out.finished:
-                finished = True
                 finish(state, response, out, arrival, first_token_at)
             yield response
     except (InvalidRequest, QueueFull, EngineStopped) as e:
-        admitted = False  # refused before admission (or the engine is gone): nothing to abort
         if isinstance(e, EngineStopped) and not state.draining:
             state.engine_failed.set()
         error = engine_error(e)
@@ -155,15 +153,14 @@ async def generate(
         state.metrics.observe_rejected("INTERNAL")
         raise RequestError(grpc.StatusCode.INTERNAL, f"request {request_id} failed in the engine") from e
     finally:
-        # Also reached when a front closes this generator after its client went away.
-        if admitted and not finished:
-            engine.abort(request_id)
+        # Also reached when a front closes this generator after its client went away. Closing the
+        # engine's stream aborts the sequence (the client owns aborts), freeing its blocks.
         state.end(request_id)
         with contextlib.suppress(Exception):
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-def add_logprobs(response: inference_pb2.GenerateResponse, logprobs: list[Any], engine: AsyncEngine) -> None:
+def add_logprobs(response: inference_pb2.GenerateResponse, logprobs: list[Any], engine: EngineClient) -> None:
     decode = token_text(engine.tokenizer)
     for lp in logprobs:
         entry = response.logprobs.add(token_id=lp.token_id, logprob=lp.logprob, token=decode(lp.token_id))

@@ -178,7 +178,7 @@ class WorkerMetrics:
         """Starts reporting the engine's gauges and counters (once its model is loaded)."""
         self.model_name = engine.model_name
         self._engine_collector.engine = engine
-        core = getattr(engine, "engine", engine)  # an AsyncEngine wraps the LLMEngine that steps
+        core = getattr(engine, "engine", engine)  # the offline LLM wraps the LLMEngine that steps
         if hasattr(core, "metrics_sink"):
             self.engine_sink.model_name = engine.model_name
             core.metrics_sink = self.engine_sink

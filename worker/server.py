@@ -1,5 +1,5 @@
 """The worker process: serves ``kvmesh.v1.Inference`` and ``kvmesh.v1.Worker`` (worker/servicers.py)
-and, with ``--http-port``, the OpenAI HTTP API (worker/http_server.py) over one AsyncEngine, with
+and, with ``--http-port``, the OpenAI HTTP API (worker/http_server.py) over one EngineClient, with
 health, reflection, metrics and the Redis reporter.
 
 Lifecycle: the port opens at once with health NOT_SERVING (so probes and clients get a clear
@@ -32,7 +32,7 @@ from kvmesh.worker.servicers import InferenceServicer, WorkerServicer, WorkerSta
 SERVICE_NAMES = ("kvmesh.v1.Inference", "kvmesh.v1.Worker")
 
 if TYPE_CHECKING:
-    from kvmesh.worker.engine.async_engine import AsyncEngine
+    from kvmesh.worker.engine.client import EngineClient
 
 logger = logging.getLogger("kvmesh.worker.server")
 
@@ -52,10 +52,10 @@ class ServerOptions:
     tls: ServerTls = field(default_factory=ServerTls)  # gRPC port: TLS, or mTLS with a client CA
 
 
-async def load_in_thread(factory: Callable[[], AsyncEngine]) -> AsyncEngine:
+async def load_in_thread(factory: Callable[[], EngineClient]) -> EngineClient:
     """Runs the slow model load in a daemon thread, so SIGTERM during loading still exits promptly."""
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[AsyncEngine] = loop.create_future()
+    future: asyncio.Future[EngineClient] = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
         if future.done():
@@ -87,7 +87,7 @@ def default_advertise_address(host: str, port: int) -> str:
         return host_port(socket.gethostname(), port)
 
 
-async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine]) -> int:
+async def serve(options: ServerOptions, engine_factory: Callable[[], EngineClient]) -> int:
     """Serves until SIGTERM/SIGINT, then drains; returns the process exit code."""
     metrics = WorkerMetrics()
     state = WorkerState(options.worker_id, metrics)
@@ -193,7 +193,7 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], AsyncEngine
     return exit_code
 
 
-async def start_reporter(options: ServerOptions, engine: AsyncEngine, port: int) -> tuple[Any, Any]:
+async def start_reporter(options: ServerOptions, engine: EngineClient, port: int) -> tuple[Any, Any]:
     if not options.redis_url:
         return None, None
     from kvmesh.worker.reporter import Reporter  # lazy: only workers that report need redis

@@ -1,4 +1,4 @@
-"""The two gRPC services a worker serves over one AsyncEngine: ``kvmesh.v1.Inference`` (a thin
+"""The two gRPC services a worker serves over one EngineClient: ``kvmesh.v1.Inference`` (a thin
 front over worker/generation.py, the request path the HTTP front shares) and ``kvmesh.v1.Worker``
 (load and block events)."""
 
@@ -18,7 +18,7 @@ from kvmesh.worker import generation
 from kvmesh.worker.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
-    from kvmesh.worker.engine.async_engine import AsyncEngine
+    from kvmesh.worker.engine.client import EngineClient
 
 T = TypeVar("T")
 INLINE_BYTES = 8192  # smaller inputs tokenize in well under a millisecond: not worth a thread hop
@@ -30,7 +30,7 @@ class WorkerState:
     def __init__(self, worker_id: str, metrics: WorkerMetrics) -> None:
         self.worker_id = worker_id
         self.metrics = metrics
-        self.engine: AsyncEngine | None = None
+        self.engine: EngineClient | None = None
         self.draining = False
         self.ready = False  # loaded (and registered, when reporting to Redis): health is SERVING
         self.engine_failed = asyncio.Event()  # set when the engine dies outside a shutdown
@@ -49,7 +49,7 @@ class WorkerState:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.input_thread, fn, *args)
 
-    async def engine_or_abort(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
+    async def engine_or_abort(self, context: grpc.aio.ServicerContext) -> EngineClient:
         try:
             return generation.ready_engine(self)
         except RequestError as e:
@@ -106,7 +106,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, state: WorkerState) -> None:
         self.state = state
 
-    def load_message(self, engine: AsyncEngine) -> worker_pb2.Load:
+    def load_message(self, engine: EngineClient) -> worker_pb2.Load:
         load = engine.load()
         return worker_pb2.Load(
             worker_id=self.state.worker_id,

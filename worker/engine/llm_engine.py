@@ -41,14 +41,14 @@ def check_request(
     reaches the engine core."""
     if not prompt_token_ids:
         raise InvalidRequest("prompt is empty")
-    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {vocab_size})")
-    if len(prompt_token_ids) >= max_model_len:
+    if len(prompt_token_ids) >= max_model_len:  # before the scan below: huge prompts fail fast
         raise InvalidRequest(
             f"prompt has {len(prompt_token_ids)} tokens but the context holds {max_model_len}, "
             "leaving no room to generate"
         )
+    if not (0 <= min(prompt_token_ids) and max(prompt_token_ids) < vocab_size):
+        bad = next(t for t in prompt_token_ids if not 0 <= t < vocab_size)
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {vocab_size})")
     params = params.with_defaults(generation_defaults)
     params.validate(vocab_size, max_model_len)
     return params
