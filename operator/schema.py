@@ -122,6 +122,46 @@ _ENGINE: Schema = {
             "in the worker pod, or per CPU process when resources.gpus is 0. The model's attention "
             "heads and intermediate size must divide by it (the worker refuses a model that does not).",
         ),
+        "speculative": {
+            "type": "object",
+            "default": {},
+            "description": "Speculative decoding: proposals verified by the served model in one pass, "
+            "outputs distributed exactly as without it.",
+            "properties": {
+                "method": {
+                    "type": "string",
+                    "enum": ["none", "ngram", "draft"],
+                    "default": "none",
+                    "description": "ngram: prompt lookup (copy-heavy work); draft: a smaller model "
+                    "sharing the tokenizer (draftModel).",
+                },
+                "draftModel": _str(
+                    "The draft model as `kvmesh worker --speculative-model` takes it: a path in the "
+                    "worker pod (e.g. under the model volume) or hf://ORG/REPO.",
+                    max_length=1024,
+                ),
+                "numSpeculativeTokens": _int(4, 1, 16, description="Proposals verified per step (k)."),
+                "ngramMin": _int(2, 1, 16, description="Shortest suffix prompt lookup matches."),
+                "ngramMax": _int(4, 1, 16, description="Longest suffix prompt lookup matches."),
+                "disableBatchSize": _int(
+                    32, 1, 65536, description="Running sequences above which a step does not speculate."
+                ),
+            },
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.method != 'draft' || has(self.draftModel)",
+                    "message": "speculative.method draft needs speculative.draftModel",
+                },
+                {
+                    "rule": "self.method == 'draft' || !has(self.draftModel)",
+                    "message": "speculative.draftModel is only read with method draft",
+                },
+                {
+                    "rule": "self.ngramMin <= self.ngramMax",
+                    "message": "speculative.ngramMin must be <= speculative.ngramMax",
+                },
+            ],
+        },
         "extraArgs": {
             "type": "array",
             "default": [],

@@ -48,6 +48,43 @@ class ResourcesSpec:
 
 
 @dataclass(slots=True, frozen=True)
+class SpeculativeSpec:
+    method: str  # none | ngram | draft
+    draft_model: str | None
+    num_speculative_tokens: int
+    ngram_min: int
+    ngram_max: int
+    disable_batch_size: int
+
+    @classmethod
+    def parse(cls, raw: Manifest) -> SpeculativeSpec:
+        return cls(
+            raw["method"],
+            raw.get("draftModel"),
+            int(raw["numSpeculativeTokens"]),
+            int(raw["ngramMin"]),
+            int(raw["ngramMax"]),
+            int(raw["disableBatchSize"]),
+        )
+
+    def worker_args(self) -> list[str]:
+        """The `kvmesh worker` flags (none when speculation is off)."""
+        if self.method == "none":
+            return []
+        args = ["--speculative", self.method]
+        if self.method == "draft" and self.draft_model:
+            args += ["--speculative-model", self.draft_model]
+        if self.method == "ngram":
+            args += ["--ngram-prompt-lookup-min", str(self.ngram_min)]
+            args += ["--ngram-prompt-lookup-max", str(self.ngram_max)]
+        return [
+            *args,
+            "--num-speculative-tokens", str(self.num_speculative_tokens),
+            "--speculative-disable-batch-size", str(self.disable_batch_size),
+        ]  # fmt: skip
+
+
+@dataclass(slots=True, frozen=True)
 class EngineSpec:
     dtype: str
     block_size: int
@@ -56,6 +93,7 @@ class EngineSpec:
     gpu_memory_utilization: float
     tensor_parallel_size: int
     extra_args: list[str]
+    speculative: SpeculativeSpec
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,6 +181,7 @@ class DeploymentSpec:
                 gpu_memory_utilization=float(engine["gpuMemoryUtilization"]),
                 tensor_parallel_size=int(engine["tensorParallelSize"]),
                 extra_args=list(engine["extraArgs"]),
+                speculative=SpeculativeSpec.parse(engine["speculative"]),
             ),
             routing=RoutingSpec(routing["policy"], float(routing["loadFactor"])),
             autoscaling_enabled=bool(s["autoscaling"]["enabled"]),

@@ -111,6 +111,7 @@ def worker_command(
         # Only when sharded: a flag more on every pod would roll every existing deployment.
         *(["--tensor-parallel-size", str(engine.tensor_parallel_size)]
           if engine.tensor_parallel_size > 1 else []),
+        *engine.speculative.worker_args(),  # none while speculation is off, likewise
         # In-flight streams get the pod's grace period, less time to exit before SIGKILL.
         "--shutdown-grace", str(TERMINATION_GRACE_S - 5),
         *(["--served-model-name", spec.model.served_name] if spec.model.served_name else []),

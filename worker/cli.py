@@ -36,6 +36,16 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--attention-backend": ("attention_backend", str, "auto, torch, triton or flash_attn"),
     "--max-waiting": ("max_waiting", int, "waiting requests before RESOURCE_EXHAUSTED (default 1024)"),
     "--seed": ("seed", int, "engine seed for requests without their own (default 0)"),
+    "--speculative": ("speculative", str, "speculative decoding: ngram (prompt lookup) or draft"),
+    "--speculative-model": ("speculative_model", str, "draft model sharing the tokenizer (implies draft)"),
+    "--num-speculative-tokens": ("num_speculative_tokens", int, "proposals verified per step (default 4)"),
+    "--ngram-prompt-lookup-min": ("ngram_prompt_lookup_min", int, "shortest suffix matched (default 2)"),
+    "--ngram-prompt-lookup-max": ("ngram_prompt_lookup_max", int, "longest suffix matched (default 4)"),
+    "--speculative-disable-batch-size": (
+        "speculative_disable_batch_size",
+        int,
+        "running sequences above which a step does not speculate (default 32)",
+    ),
 }
 
 

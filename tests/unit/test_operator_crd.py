@@ -59,6 +59,13 @@ def test_defaults_fill_nested_objects_like_the_api_server() -> None:
         "maxModelLen": 4096,
         "gpuMemoryUtilization": 0.9,
         "tensorParallelSize": 1,
+        "speculative": {
+            "method": "none",
+            "numSpeculativeTokens": 4,
+            "ngramMin": 2,
+            "ngramMax": 4,
+            "disableBatchSize": 32,
+        },
         "extraArgs": [],
     }
     assert out["autoscaling"]["target"] == {"metric": "queueDepth", "value": 8.0}

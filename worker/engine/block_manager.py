@@ -106,6 +106,18 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
 
+    def rollback(self, seq: Sequence) -> None:
+        """Gives back the blocks past ``seq.num_computed_tokens``: those a speculative step took
+        for proposals that verification rejected. They go back to the front of the free list,
+        last taken first, so the pool's order is as if they had never been taken."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+
     def cached_hashes(self) -> list[int]:
         return list(self.cached)
 

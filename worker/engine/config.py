@@ -28,6 +28,17 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (benchmarks only)
+    # Speculative decoding (worker/engine/speculative): "ngram" (prompt lookup) or a draft model's
+    # path in speculative_model; each speculating decode verifies up to k proposals per step.
+    speculative: str | None = None  # None | "ngram" | "draft" (implied by speculative_model)
+    speculative_model: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_prompt_lookup_min: int = 2
+    ngram_prompt_lookup_max: int = 4
+    # Speculation switches itself off for a step once this many sequences are running: a batch
+    # that large already keeps the accelerator busy, and verifying k+1 positions per sequence
+    # costs more than the accepted tokens save.
+    speculative_disable_batch_size: int = 32
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -44,6 +55,31 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
+        self._validate_speculative()
+
+    @property
+    def speculative_method(self) -> str | None:
+        """"ngram", "draft" or None (off)."""
+        if self.speculative_model and self.speculative in (None, "draft"):
+            return "draft"
+        return self.speculative
+
+    def _validate_speculative(self) -> None:
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be 'ngram' or 'draft', got {self.speculative!r}")
+        if self.speculative == "draft" and not self.speculative_model:
+            raise ValueError("speculative 'draft' needs speculative_model (the draft model's path)")
+        if self.speculative == "ngram" and self.speculative_model:
+            raise ValueError("speculative 'ngram' takes no speculative_model")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max <= 16:
+            raise ValueError(
+                "ngram lookup sizes need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max <= 16, "
+                f"got {self.ngram_prompt_lookup_min}..{self.ngram_prompt_lookup_max}"
+            )
+        if self.speculative_disable_batch_size < 1:
+            raise ValueError("speculative_disable_batch_size must be >= 1")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

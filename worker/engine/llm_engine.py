@@ -16,6 +16,8 @@ from kvmesh.worker.engine.outputs import EngineStats, LoadStats, StepOutput
 from kvmesh.worker.engine.sampling_params import SamplingParams
 from kvmesh.worker.engine.scheduler import Scheduler
 from kvmesh.worker.engine.sequence import Sequence
+from kvmesh.worker.engine.speculative import SpeculativeDecoder
+from kvmesh.worker.engine.speculative.draft import DraftProposer
 from kvmesh.worker.model import loader
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class LLMEngine:
         # The model's own sampling defaults, for requests that leave a setting unset (as vLLM does).
         self.generation_defaults = loader.generation_defaults(files.directory)
         self.vocab_size = int(hf_config.vocab_size)
+        # A draft model loads first, so the target's memory profile counts its weights.
+        draft = DraftProposer(config, self.vocab_size) if config.speculative_method == "draft" else None
         self.runner = ModelRunner(config, files.directory, hf_config)
         self.block_size = config.block_size
         # One sequence must always fit in the pool, so preemption can always make progress.
@@ -78,6 +82,13 @@ class LLMEngine:
             self.runner.num_blocks, self.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.speculator: SpeculativeDecoder | None = None
+        if config.speculative_method is not None:
+            if draft is not None:
+                draft.allocate_pool(self.runner.num_blocks)
+            self.speculator = SpeculativeDecoder(
+                config, self.runner, self.block_manager, self.max_model_len, draft
+            )
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.stats = EngineStats()
@@ -164,34 +175,61 @@ class LLMEngine:
                 self.stats.prompt_tokens += seq.num_prompt_tokens
                 self.stats.prefix_cache_queries += seq.num_prompt_tokens
                 self.stats.prefix_cache_hits += seq.num_cached_tokens
+        spec = self.speculator
+        if spec is not None and spec.prepare(out, len(self.scheduler.running)):
+            # Verification: the decodes' proposals run as multi-token queries (speculative/).
+            sampled, emitted, logprobs = spec.execute(out)
+            self.stats.spec_decode_num_drafts = spec.stats.num_drafts
+            self.stats.spec_decode_num_draft_tokens = spec.stats.num_draft_tokens
+            self.stats.spec_decode_num_accepted_tokens = spec.stats.num_accepted_tokens
+        else:
+            sampled, tokens, lps = self.runner.execute(out)
+            emitted = [[t] for t in tokens]
+            logprobs = None if lps is None else [None if lp is None else [lp] for lp in lps]
         self.stats.model_tokens += out.total_tokens
-        sampled, tokens, logprobs = self.runner.execute(out)
         now = time.monotonic()
         if self.metrics_sink is not None:
             gaps = [now - s.last_token_time for s in sampled if s.last_token_time is not None]
             self.metrics_sink.on_step(out.total_tokens, gaps)
-        for seq in sampled:
-            seq.first_token_time = seq.first_token_time or now
-            seq.last_token_time = now
         for seq, n in zip(out.seqs, out.num_tokens):
             seq.num_computed_tokens += n
+        # Tokens first: a sequence that samples has computed every token but its newest, so
+        # proposals the target rejected drop out of num_computed_tokens here.
+        deltas = []
+        for row, (seq, tokens) in enumerate(zip(sampled, emitted)):
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+            detok = self.detokenizers.get(seq.request_id)
+            kept: list[int] = []
+            for token in tokens:
+                seq.token_ids.append(token)
+                kept.append(token)
+                hit_stop = detok.add(token) if detok is not None else False
+                seq.finish_reason = self._finish_reason(seq, token, hit_stop)
+                if seq.finished:
+                    break
+            seq.num_computed_tokens = seq.num_tokens - 1
+            seq.update_block_hashes(self.block_size)
+            self.stats.generation_tokens += len(kept)
+            lps = None if logprobs is None or logprobs[row] is None else logprobs[row][: len(kept)]
+            deltas.append((seq, kept, lps))
+        if spec is not None:
+            # KV blocks taken for rejected proposals go back, the last taken first.
+            for seq in reversed(out.seqs):
+                self.block_manager.rollback(seq)
+                spec.after_verify(seq)
+        for seq in out.seqs:
             self.block_manager.register_computed(seq)
         outputs = []
-        for row, (seq, token) in enumerate(zip(sampled, tokens)):
-            seq.token_ids.append(token)
-            seq.update_block_hashes(self.block_size)
-            self.stats.generation_tokens += 1
-            detok = self.detokenizers.get(seq.request_id)
-            hit_stop = detok.add(token) if detok is not None else False
-            seq.finish_reason = self._finish_reason(seq, token, hit_stop)
+        for seq, kept, lps in deltas:
             if seq.finished:
                 self.scheduler.remove(seq)
-                outputs.append(self._finish(seq, [token]))
+                outputs.append(self._finish(seq, kept))
             else:
-                text = detok.take(final=False) if detok is not None else ""
-                outputs.append(self._delta(seq, text, [token]))
-            if logprobs is not None and logprobs[row] is not None:
-                outputs[-1].logprobs = [logprobs[row]]
+                detok = self.detokenizers.get(seq.request_id)
+                outputs.append(self._delta(seq, detok.take(final=False) if detok is not None else "", kept))
+            if lps is not None:
+                outputs[-1].logprobs = lps
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int, hit_stop: bool) -> str | None:
@@ -215,6 +253,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, token_ids: list[int]) -> StepOutput:
         detok = self.detokenizers.pop(seq.request_id, None)
         del self.seqs[seq.request_id]
+        if self.speculator is not None:
+            self.speculator.release(seq.request_id)
         self.stats.finished_requests += 1
         if self.metrics_sink is not None:
             self.metrics_sink.on_finished(seq)

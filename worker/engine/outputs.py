@@ -98,4 +98,9 @@ class EngineStats:
     prefix_cache_hits: int = 0  # prompt tokens found cached
     preemptions: int = 0
     finished_requests: int = 0
-    model_tokens: int = 0  # tokens run through the model (prefill chunks and decodes)
+    model_tokens: int = 0  # tokens run through the model (prefill chunks, decodes, proposals)
+    # Speculative decoding: verifications of one sequence's proposals, tokens proposed, and
+    # proposals the target kept (each verification also emits one token of the target's own).
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0

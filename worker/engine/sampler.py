@@ -20,23 +20,31 @@ def sample(
         p = seq.params
         if p.greedy:
             continue
-        x = logits[row] / p.temperature
-        if 0 < p.top_k < x.shape[-1]:
-            kth = torch.topk(x, p.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            cumulative = sorted_probs.cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            drop = cumulative - sorted_probs > p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = sampling_probs(logits[row], p)
         gen = seq.generator
         if gen is not None and gen.device != probs.device:
             probs = probs.cpu()
         tokens[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     return tokens, logprobs(logits, seqs, tokens)
+
+
+def sampling_probs(logits: torch.Tensor, p) -> torch.Tensor:
+    """The distribution a request samples from: ``logits [..., V]`` with temperature, top-k and
+    top-p applied (speculative verification uses it for the target's and the draft's rows)."""
+    x = logits / p.temperature
+    if 0 < p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = cumulative - sorted_probs > p.top_p
+        sorted_probs[drop] = 0.0
+        sorted_probs /= sorted_probs.sum(-1, keepdim=True)  # a distribution again
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
 
 
 def logprobs(
