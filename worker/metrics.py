@@ -94,7 +94,41 @@ class EngineCollector(Collector):
             family = CounterMetricFamily(PREFIX + name, doc, labels=LABELS)
             family.add_metric(model, float(value))
             yield family
+        yield from speculative_metrics(engine.model_name, stats)
         yield from inference_extension_metrics(engine.model_name, load)
+
+
+def speculative_metrics(model_name: str, stats: Any) -> Iterator[Metric]:
+    """Speculative decoding, named as vLLM names it: verifications ("drafts"), tokens proposed
+    and tokens accepted as counters, and since start the acceptance rate (accepted / proposed)
+    and the mean tokens accepted per verification (each verification emits one more token of
+    the target's own). Zero counters while speculation is off."""
+    drafts, proposed, accepted = (
+        getattr(stats, name, 0)
+        for name in (
+            "spec_decode_num_drafts",
+            "spec_decode_num_draft_tokens",
+            "spec_decode_num_accepted_tokens",
+        )
+    )
+    for name, doc, value in (
+        ("spec_decode_num_drafts", "Verifications of a sequence's speculative proposals.", drafts),
+        ("spec_decode_num_draft_tokens", "Speculative tokens proposed.", proposed),
+        ("spec_decode_num_accepted_tokens", "Speculative tokens the target model accepted.", accepted),
+    ):
+        family = CounterMetricFamily(PREFIX + name, doc, labels=LABELS)
+        family.add_metric([model_name], float(value))
+        yield family
+    if not drafts:
+        return
+    rates = (
+        ("spec_decode_draft_acceptance_rate", "Accepted / proposed tokens since start.", accepted / proposed),
+        ("spec_decode_mean_accepted_tokens", "Accepted tokens per verification.", accepted / drafts),
+    )
+    for name, doc, value in rates:
+        family = GaugeMetricFamily(PREFIX + name, doc, labels=LABELS)
+        family.add_metric([model_name], value)
+        yield family
 
 
 def inference_extension_metrics(model_name: str, load: Any) -> Iterator[Metric]:

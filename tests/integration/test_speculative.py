@@ -291,3 +291,35 @@ def test_rollback_leaves_the_pool_and_prefix_cache_exactly_as_plain_decoding(ran
     assert spec_stats(llm)[0] > 0
     assert outputs[0] == outputs[1]
     assert states[0] == states[1]
+
+
+# -- the worker --------------------------------------------------------------------
+def test_a_worker_started_with_prompt_lookup_reports_acceptance_in_its_metrics(worker_launcher):
+    import asyncio
+    import time
+
+    import grpc
+    from worker_fixtures import scrape
+
+    from kvmesh.client import build_request, generate
+
+    flags = ["--speculative", "ngram", "--num-speculative-tokens", "5", "--ngram-prompt-lookup-max", "3"]
+    worker = worker_launcher.start("spec", extra=flags)
+
+    async def ask() -> list[int]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+            request = build_request(COPY_PROMPTS[0], max_tokens=24, temperature=0)
+            return list((await generate(channel, request, timeout=300)).token_ids)
+
+    tokens = asyncio.run(ask())
+    assert len(tokens) == 24
+    deadline = time.monotonic() + 10
+    while (samples := scrape(worker.metrics_port)).get("kvmesh:spec_decode_num_drafts_total", 0) == 0:
+        assert time.monotonic() < deadline, "no speculative counters in the worker's metrics"
+        time.sleep(0.2)
+    proposed = samples["kvmesh:spec_decode_num_draft_tokens_total"]
+    accepted = samples["kvmesh:spec_decode_num_accepted_tokens_total"]
+    assert 0 < accepted <= proposed
+    assert samples["kvmesh:spec_decode_draft_acceptance_rate"] == pytest.approx(accepted / proposed)
+    drafts = samples["kvmesh:spec_decode_num_drafts_total"]
+    assert samples["kvmesh:spec_decode_mean_accepted_tokens"] == pytest.approx(accepted / drafts)
