@@ -174,7 +174,8 @@ from kvmesh.worker import LLM, SamplingParams
 spec = json.load(open(sys.argv[1]))
 llm = LLM(spec["model"], **spec["engine"])
 out = {}
-for name, reqs in spec["levels"].items():
+for name, (clients, reqs) in spec["levels"].items():
+    llm.engine.scheduler.max_num_seqs = clients  # as many in flight as the level has clients
     prompts = [r[0] for r in reqs]
     params = [SamplingParams(max_tokens=r[1], temperature=0.0, ignore_eos=True) for r in reqs]
     llm.generate(prompts[:2], params[:2])  # warm
@@ -187,10 +188,10 @@ json.dump(out, open(sys.argv[2], "w"))
 
 
 def offline(model: str, engine: dict, levels: dict, tmp: Path) -> dict:
-    """Output tok/s of each level's requests run all at once through the offline LLM (its own
-    process, so the GPU is free again before the worker starts)."""
+    """Output tok/s of each level's requests through the offline LLM, at most as many at once as
+    the level has clients (its own process, so the GPU is free again before the worker starts)."""
     spec, result = tmp / "offline-spec.json", tmp / "offline-out.json"
-    flat = {name: [it for items in clients for it in items] for name, clients in levels.items()}
+    flat = {name: (len(cl), [it for items in cl for it in items]) for name, cl in levels.items()}
     spec.write_text(json.dumps({"model": model, "engine": engine, "levels": flat}))
     subprocess.run([sys.executable, "-c", OFFLINE, str(spec), str(result)], check=True)
     return json.loads(result.read_text())
