@@ -45,13 +45,20 @@ def measure_kvmesh(tokens: int) -> dict:
     llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     prompt = llm.encode_chat([{"role": "user", "content": PROMPT}])
     engine = llm.engine
-    engine.add(engine.make_sequence("bench", prompt, params))
+    seq = engine.make_sequence("bench", prompt, params)
+    engine.add(seq)
     times, cpu = [], []
     while engine.has_work():
         engine.step()
         times.append(time.perf_counter())
         cpu.append(time.process_time())
-    return {"load_s": load_s, "prompt_tokens": len(prompt), "token_times": times, "cpu_times": cpu}
+    return {
+        "load_s": load_s,
+        "prompt_tokens": len(prompt),
+        "token_times": times,
+        "cpu_times": cpu,
+        "token_ids": seq.token_ids[len(prompt) :],
+    }
 
 
 def measure_transformers(tokens: int) -> dict:
@@ -85,7 +92,7 @@ def measure_transformers(tokens: int) -> dict:
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         model.generate(prompt, max_new_tokens=4, **greedy)  # warm-up
-        model.generate(
+        out = model.generate(
             prompt, max_new_tokens=tokens, min_new_tokens=tokens, streamer=Clock(tokenizer), **greedy
         )
     return {
@@ -93,6 +100,7 @@ def measure_transformers(tokens: int) -> dict:
         "prompt_tokens": int(prompt.shape[1]),
         "token_times": times[1:],
         "cpu_times": cpu[1:],
+        "token_ids": out[0, prompt.shape[1] :].tolist(),
     }
 
 
@@ -133,20 +141,40 @@ def main() -> None:
             tree = dict(env, PYTHONPATH=str(args.tree.resolve())) if name.startswith("kvmesh ") else env
             out = subprocess.run(cmd, env=tree, check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
-    base = statistics.median(r["decode_tok_s"] for r in runs["transformers"])
-    print(f"{args.rounds} rounds, {args.tokens} greedy tokens, {args.threads} threads, medians")
+    report(runs, args.rounds, args.tokens, args.threads)
+
+
+def report(runs: dict[str, list[dict]], rounds: int, tokens: int, threads: int) -> None:
+    """One table of medians. 'vs HF' is the median of the rounds' own ratios (each round's runs
+    follow one another, so a slow spell of the machine moves both sides of a ratio); 'same tokens'
+    says whether every run generated exactly transformers' tokens."""
+    hf = runs["transformers"]
+    reference = hf[0]["token_ids"]
+    print(f"{rounds} rounds, {tokens} greedy tokens, {threads} threads, medians")
     print(f"{'engine':<18}{'decode tok/s':>14}{'min..max':>16}{'vs HF':>8}{'CPU ms/token':>14}{'RSS MiB':>10}"
-          f"{'peak MiB':>10}{'load s':>8}")  # fmt: skip
+          f"{'peak MiB':>10}{'load s':>8}  same tokens")  # fmt: skip
     for engine, rs in runs.items():
         speeds = [r["decode_tok_s"] for r in rs]
-        speed = statistics.median(speeds)
+        ratio = statistics.median(r["decode_tok_s"] / h["decode_tok_s"] for r, h in zip(rs, hf))
+        same = _first_difference(reference, [r["token_ids"] for r in rs])
         print(
-            f"{engine:<18}{speed:>14.1f}{f'{min(speeds):.1f}..{max(speeds):.1f}':>16}{speed / base:>8.2f}"
+            f"{engine:<18}{statistics.median(speeds):>14.1f}{f'{min(speeds):.1f}..{max(speeds):.1f}':>16}"
+            f"{ratio:>8.2f}"
             f"{statistics.median(r['cpu_ms_per_token'] for r in rs):>14.1f}"
             f"{statistics.median(r['rss_mib'] for r in rs):>10.0f}"
             f"{statistics.median(r['peak_rss_mib'] for r in rs):>10.0f}"
-            f"{statistics.median(r['load_s'] for r in rs):>8.1f}"
+            f"{statistics.median(r['load_s'] for r in rs):>8.1f}  {same}"
         )
+
+
+def _first_difference(reference: list[int], runs: list[list[int]]) -> str:
+    for ids in runs:
+        if ids != reference:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), min(len(ids), len(reference))
+            )
+            return f"no (token {at})"
+    return "yes"
 
 
 if __name__ == "__main__":

@@ -104,3 +104,26 @@ class RotaryEmbedding(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def store_linear_weights_transposed_(model: nn.Module) -> None:
+    """Gives every linear layer's weight of ``model`` a transposed memory layout: the same
+    ``[out, in]`` tensor (so every caller of ``F.linear`` works unchanged) with strides
+    ``(1, out)``. Called before the weights are loaded: the contents become undefined.
+
+    On the CPU a float32 matrix-vector product (one decode token) against an ``[in, out]``
+    row-major matrix takes about a fifth less time than against the ``[out, in]`` one for the
+    same bytes of weight (the BLAS streams whole rows and accumulates a row of outputs instead of
+    reducing each output's dot product), measured on this model's shapes; products of many rows
+    (prefill) run at the same speed either way. A tied LM head shares the embedding's tensor, whose
+    row lookups then read strided memory (one row per token, a negligible cost)."""
+    seen: set[int] = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or weight is None or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        out_features, in_features = weight.shape
+        weight.data = torch.empty_strided(
+            (out_features, in_features), (1, out_features), dtype=weight.dtype, device=weight.device
+        )

@@ -14,7 +14,12 @@ import torch
 from torch import nn
 
 from kvmesh.worker.attention import AttentionBackend, AttentionMetadata
-from kvmesh.worker.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from kvmesh.worker.model.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+    store_linear_weights_transposed_,
+)
 from kvmesh.worker.model.parallel import (
     SINGLE,
     ParallelGroup,
@@ -225,6 +230,8 @@ def build_model(
     model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty moves meta parameters one by one: tie them again
         model.lm_head.weight = model.embed_tokens.weight
+    if torch.device(device).type == "cpu":  # faster matrix-vector products for decode
+        store_linear_weights_transposed_(model)
     return model
 
 
