@@ -172,6 +172,33 @@ def test_random_models_speculate_token_for_token_plain_greedy(random_model, meth
         assert accepted == drafted
 
 
+def test_speculation_respects_the_step_budget_and_switches_off_for_large_batches(random_model):
+    target = random_model / "target"
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    prompts = [[11, 12, 13, 11, 12, 13, 11, 12], [5, 6, 5, 6, 5, 6], [70, 71, 72, 70, 71, 72]]
+    spec = dict(speculative="ngram", ngram_prompt_lookup_min=1, num_speculative_tokens=8)
+    plain = [o.token_ids for o in LLM(str(target), num_blocks=64).generate(prompts, params)]
+    # Three decodes and a budget of 6 tokens: proposals get what the decodes leave, never more.
+    llm = LLM(str(target), num_blocks=64, max_num_batched_tokens=6, **spec)
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        engine.add(engine.make_sequence(f"b{i}", p, params))
+    tokens: dict[str, list[int]] = {f"b{i}": [] for i in range(3)}
+    while engine.has_work():
+        before = engine.stats.model_tokens
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+        assert engine.stats.model_tokens - before <= 6
+    assert list(tokens.values()) == plain
+    assert spec_stats(llm)[0] > 0
+    # Three running sequences are above a limit of 2: no step speculates.
+    llm = LLM(str(target), num_blocks=64, speculative_disable_batch_size=2, **spec)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == plain
+    assert spec_stats(llm) == (0, 0)
+    assert [o.token_ids for o in llm.generate(prompts[:2], params)] == plain[:2]
+    assert spec_stats(llm)[0] > 0
+
+
 # -- the sampled distribution --------------------------------------------------------
 VOCAB = 8
 PROMPT = [1, 3, 4, 5, 3, 4, 6, 3]

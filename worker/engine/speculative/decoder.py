@@ -136,8 +136,9 @@ class SpeculativeDecoder:
             spans.append((seq, len(rows), proposal, q))
             rows.extend(range(end - 1 - len(proposal), end))
         step.logits_rows = rows
-        if runner.graphs is not None and runner.graphs.can_run(step):
-            logits, _ = runner.graphs.run(step)
+        graphs = runner.graphs
+        if graphs is not None and len(rows) <= len(graphs.h_rows) and graphs.can_run(step):
+            logits, _ = graphs.run(step)
         else:
             input_ids, positions, meta, _, _ = runner._device_inputs(step)
             hidden = runner.model(input_ids, positions, runner.kv_cache, meta)
