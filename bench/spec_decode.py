@@ -91,13 +91,14 @@ def run_case(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
     before = [getattr(stats, n) for n in names]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     drafts, proposed, accepted = (getattr(stats, n) - b for n, b in zip(names, before))
     tokens = sum(len(o.token_ids) for o in outs)
     return {
         "tok_s": tokens / elapsed,
+        "cpu_ms_per_token": 1e3 * cpu / tokens,  # this process's CPU time, all threads
         "acceptance": accepted / proposed if proposed else None,
         "tokens_per_verification": 1 + accepted / drafts if drafts else None,
         "outputs": [o.token_ids for o in outs],
@@ -200,12 +201,14 @@ def main() -> None:
             acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
             tpv = "-" if r["tokens_per_verification"] is None else f"{r['tokens_per_verification']:.2f}"
             tok_s = f"{r['tok_s']:.1f}"
+            cpu = f"{r['cpu_ms_per_token']:.1f}"
             row = (
                 name,
                 str(k) if method else "-",
                 batch,
                 tok_s,
                 f"{speedup:.2f}x",
+                cpu,
                 acc,
                 tpv,
                 "yes" if same else "NO",
@@ -221,8 +224,8 @@ def main() -> None:
 
     source = f"--shape {args.shape}" if args.shape else f"--model {args.model}"
     print(f"\n{source}, device {args.device}, {args.new_tokens} new tokens per request, greedy")
-    print("| method | k | batch | tok/s | vs off | acceptance | tokens/verification | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | k | batch | tok/s | vs off | CPU ms/token | acceptance | tokens/verif. | same |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
     if args.json:
