@@ -172,6 +172,21 @@ def test_random_models_speculate_token_for_token_plain_greedy(random_model, meth
         assert accepted == drafted
 
 
+def test_log_probabilities_of_verified_tokens_match_plain_decoding(random_model):
+    target = random_model / "target"
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    prompts = [[11, 12, 13, 11, 12, 13, 11, 12], [5, 6, 5, 6, 5, 6]]
+    plain = LLM(str(target), num_blocks=64).generate(prompts, params)
+    spec = LLM(str(target), num_blocks=64, speculative_model=str(random_model / "draft-all"))
+    for want, got in zip(plain, spec.generate(prompts, params)):
+        assert got.token_ids == want.token_ids
+        assert len(got.outputs[0].logprobs) == len(want.token_ids)
+        for a, b in zip(want.outputs[0].logprobs, got.outputs[0].logprobs):
+            assert a.token_id == b.token_id
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 def test_speculation_respects_the_step_budget_and_switches_off_for_large_batches(random_model):
     target = random_model / "target"
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
