@@ -178,7 +178,8 @@ for name, (clients, reqs) in spec["levels"].items():
     llm.engine.scheduler.max_num_seqs = clients  # as many in flight as the level has clients
     prompts = [r[0] for r in reqs]
     params = [SamplingParams(max_tokens=r[1], temperature=0.0, ignore_eos=True) for r in reqs]
-    llm.generate(prompts[:2], params[:2])  # warm
+    # Warm: the level's batch and chunk shapes once, so no kernel compiles inside the timing.
+    llm.generate(prompts[:clients], [SamplingParams(max_tokens=16, ignore_eos=True)] * clients)
     t = time.perf_counter()
     res = llm.generate(prompts, params)
     dt = time.perf_counter() - t
@@ -248,6 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", help="a random-weight model of this shape (bench/gpu_engine.py SHAPES)")
     ap.add_argument("--model", help="a model path or 'default' instead of --shape")
+    ap.add_argument("--model-dir", help="where --shape's model is saved (reused when already there)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--levels", default="1:128:256,128:512:256,256:512:256", help="clients:in:out,...")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client at each fixed level")
@@ -267,10 +269,11 @@ def main() -> None:
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-serve-"))
     if args.shape:
-        model = str(tmp / "model")
-        t = time.perf_counter()
-        random_model(args.shape, Path(model), args.device)
-        print(f"saved a random {args.shape} model in {time.perf_counter() - t:.0f}s", flush=True)
+        model = args.model_dir or str(tmp / "model")
+        if not (Path(model) / "config.json").exists():
+            t = time.perf_counter()
+            random_model(args.shape, Path(model), args.device)
+            print(f"saved a random {args.shape} model in {time.perf_counter() - t:.0f}s", flush=True)
     else:
         model = args.model or "default"
     from transformers import AutoConfig

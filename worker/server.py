@@ -140,7 +140,7 @@ async def serve(options: ServerOptions, engine_factory: Callable[[], EngineClien
         return 0
     try:
         engine = load.result()
-        engine.start()
+        await engine.start()
     except Exception:
         logger.exception("Failed to load the model")
         await close_fronts()

@@ -4,9 +4,9 @@ The front owns everything whose cost grows with the number of streams rather tha
 model: tokenizing, detokenizing, stop strings, protobuf. The core owns engine state; the front
 knows it only from the core's updates (load, counters, prefix-cache events), which it mirrors.
 
-Threads: a writer thread sends commands, so a burst of long prompts never blocks the event loop
-on a full socket; a reader thread receives updates and hands each to the event loop whole. All
-per-request state lives on the event loop.
+The socket is driven by the event loop itself (asyncio streams: writes are buffered, so a burst of
+long prompts never blocks the loop on a full socket; one task reads updates), so no message waits
+for a thread to be scheduled. All per-request state lives on the event loop.
 
 Aborts have one owner: ``generate()``. A stream that ends for any reason other than its own
 finish (the caller went away, a stop string was found, the worker drains) aborts its sequence in
@@ -16,22 +16,19 @@ the core exactly once, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import queue
+import pickle
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing.connection import Connection
 from typing import Any
 
 from kvmesh.models import chat_token_ids
 from kvmesh.worker.engine.config import EngineConfig
-from kvmesh.worker.engine.core import FinishedTimes, Update
+from kvmesh.worker.engine.core import HEADER, FinishedTimes, Link, Update, encode
 from kvmesh.worker.engine.detokenizer import IncrementalDetokenizer
 from kvmesh.worker.engine.errors import EngineStopped, InvalidRequest, QueueFull
 from kvmesh.worker.engine.llm_engine import check_request
@@ -96,11 +93,12 @@ class EngineClient:
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         back.close()
-        self._conn = Connection(front.detach())
-        self._conn.send(("config", asdict(core_config)))
+        self._socket = front
+        handshake = Link(front)  # blocking until start(): this runs off the event loop
+        handshake.send(("config", asdict(core_config)))
         self.tokenizer = loader.load_tokenizer(files.directory)  # while the core loads the model
         try:
-            reply = self._conn.recv()
+            reply = handshake.recv()
         except (EOFError, OSError):
             reply = ("error", f"the engine core exited with code {self._process.wait()} while loading")
         if reply[0] != "ready":
@@ -117,33 +115,39 @@ class EngineClient:
         self._cached: set[int] = set()  # the core's prefix cache, mirrored from its events
         self._requests: dict[str, _Request] = {}
         self._subscribers: set[BlockSubscription] = set()
-        self._outbox: queue.Queue[tuple | None] = queue.Queue()
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: asyncio.Event | None = None
         self._stopped = False
         self.metrics_sink: Any = None  # worker/engine_metrics.EngineSink, set by the worker's metrics
 
     # -- lifecycle -------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._failed = asyncio.Event()
-        threading.Thread(target=self._write, name="kvmesh-core-writer", daemon=True).start()
-        threading.Thread(target=self._read, name="kvmesh-core-reader", daemon=True).start()
+        self._socket.setblocking(False)
+        reader, self._writer = await asyncio.open_unix_connection(sock=self._socket, limit=1 << 20)
+        self._reading = asyncio.ensure_future(self._read(reader))
 
     async def shutdown(self) -> None:
         """Stops the core (aborting what it still runs) and waits for it to exit."""
         if self._stopped:
             return
         self._stopped = True
-        self._outbox.put(("stop",))
+        self._send(("stop",))
         try:
             await asyncio.wait_for(asyncio.to_thread(self._process.wait), STOP_TIMEOUT)
         except asyncio.TimeoutError:
             log.warning("Engine core did not stop within %.0fs; killing it", STOP_TIMEOUT)
             self._process.kill()
             await asyncio.to_thread(self._process.wait)
-        self._outbox.put(None)
+        if self._reading is not None:
+            await asyncio.wait({self._reading}, timeout=1.0)  # the final update, if any
+            self._reading.cancel()
         self._fail_all(EngineStopped("the engine stopped"))
+        if self._writer is not None:
+            self._writer.close()
 
     async def wait_failed(self) -> None:
         """Returns once the core has died or failed (never after a clean shutdown)."""
@@ -181,7 +185,7 @@ class EngineClient:
             raise QueueFull(f"{self.config.max_waiting} requests are already waiting")
         request = self._requests[request_id] = _Request()
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
-        self._outbox.put(("add", request_id, prompt_token_ids, params, priority, cache_salt))
+        self._send(("add", request_id, prompt_token_ids, params, priority, cache_salt))
         try:
             while True:
                 item = await request.queue.get()
@@ -242,7 +246,12 @@ class EngineClient:
 
     def _send_abort(self, request_id: str) -> None:
         if not self._stopped:
-            self._outbox.put(("abort", request_id))
+            self._send(("abort", request_id))
+
+    def _send(self, command: tuple) -> None:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(encode(command))  # buffered by the transport: never blocks the loop
 
     def load(self) -> LoadStats:
         return self._load
@@ -257,38 +266,24 @@ class EngineClient:
         return sub
 
     # -- the core's socket ----------------------------------------------
-    def _write(self) -> None:
-        while (command := self._outbox.get()) is not None:
-            try:
-                self._conn.send(command)
-            except OSError:
-                return  # the core is gone; the reader reports it
-
-    def _read(self) -> None:
-        assert self._loop is not None
+    async def _read(self, reader: asyncio.StreamReader) -> None:
         error = "the engine core exited"
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception as e:  # an update that cannot be read: the two sides disagree
-                log.exception("Unreadable message from the engine core")
-                error = f"unreadable message from the engine core: {e}"
-                self._process.kill()
-                break
-            if message[0] == "failed":
-                error = f"the engine failed: {message[1]}"
-                break
-            self._call(self._apply, message[1])
-        code = self._process.wait()
-        self._call(self._core_gone, f"{error} (exit code {code})")
-
-    def _call(self, fn, *args) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(fn, *args)
+        try:
+            while True:
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                message = pickle.loads(await reader.readexactly(size))
+                if message[0] == "failed":
+                    error = f"the engine failed: {message[1]}"
+                    break
+                self._apply(message[1])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except Exception as e:  # an update that cannot be read: the two sides disagree
+            log.exception("Unreadable message from the engine core")
+            error = f"unreadable message from the engine core: {e}"
+            self._process.kill()
+        code = await asyncio.to_thread(self._process.wait)
+        self._core_gone(f"{error} (exit code {code})")
 
     def _apply(self, update: Update) -> None:
         for item in update.outputs:
@@ -319,7 +314,6 @@ class EngineClient:
             return
         log.error("Engine core stopped: %s", reason)
         self._stopped = True
-        self._outbox.put(None)
         self._fail_all(EngineStopped(reason))
         if self._failed is not None:
             self._failed.set()

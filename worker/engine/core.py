@@ -2,7 +2,8 @@
 
 The worker's front (gRPC, HTTP, tokenizing, detokenizing, protobuf) runs in the parent process
 (worker/engine/client.py); this process only schedules and runs model steps, so nothing competes
-with the step loop for its interpreter. The two talk over a Unix socket pair with pickled tuples:
+with the step loop for its interpreter. The two talk over a Unix socket pair, one frame per
+message (an 8-byte length, then a pickled tuple):
 
 front -> core   ("add", request_id, prompt_token_ids, SamplingParams, priority, cache_salt)
                 ("abort", request_id)
@@ -23,14 +24,53 @@ import argparse
 import contextlib
 import logging
 import os
+import pickle
+import select
 import signal
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 log = logging.getLogger("kvmesh.worker.engine.core")
+
+HEADER = struct.Struct("!Q")
+
+
+def encode(message: Any) -> bytes:
+    """A frame: the pickled message behind its length."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(data)) + data
+
+
+class Link:
+    """The core's end of the socket: blocking frames, and a poll for pending ones."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, message: Any) -> None:
+        self.sock.sendall(encode(message))
+
+    def poll(self, timeout: float | None) -> bool:
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def recv(self) -> Any:
+        (size,) = HEADER.unpack(self._exactly(HEADER.size))
+        return pickle.loads(self._exactly(size))
+
+    def _exactly(self, size: int) -> bytearray:
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError("the worker's front closed the socket")
+            got += n
+        return buf
+
 
 # One output of a step, as a plain tuple (the cheapest thing to pickle for hundreds of streams):
 # (request_id, new token ids, finished, finish_reason, prompt_tokens, completion_tokens,
@@ -103,7 +143,7 @@ def pack(out: Any) -> Output:
 
 
 class EngineCore:
-    def __init__(self, engine: Any, conn: Connection) -> None:
+    def __init__(self, engine: Any, conn: Link) -> None:
         self.engine = engine
         self.conn = conn
         self.recorder = _Recorder()
@@ -200,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvmesh.logs import setup_logging
 
     setup_logging(args.log_level)
-    conn = Connection(args.fd)
+    conn = Link(socket.socket(fileno=args.fd))
     try:
         kind, config_fields = conn.recv()
         assert kind == "config", kind
@@ -226,4 +266,3 @@ def main(argv: list[str] | None = None) -> int:
             conn.send(("failed", f"{type(e).__name__}: {e}"))
         return 1
     return 0
-

@@ -48,7 +48,7 @@ def check_request(
             f"prompt has {len(prompt_token_ids)} tokens but the context holds {max_model_len}, "
             "leaving no room to generate"
         )
-    if not (0 <= min(prompt_token_ids) and max(prompt_token_ids) < vocab_size):
+    if not (min(prompt_token_ids) >= 0 and max(prompt_token_ids) < vocab_size):
         bad = next(t for t in prompt_token_ids if not 0 <= t < vocab_size)
         raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {vocab_size})")
     params = params.with_defaults(generation_defaults)
