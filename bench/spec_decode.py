@@ -108,6 +108,7 @@ def run_case(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
 def build(args, method: str | None, k: int, draft_dir: Path | None) -> LLM:
     settings = dict(
         device=args.device,
+        dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--ks", default="2,4,6", help="numbers of proposals per step")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
@@ -190,7 +192,8 @@ def main() -> None:
             prompts_for = {b: random_prompts(b, vocab) for b in args.batches}
         else:
             prompts_for = {b: chat_prompts(llm, b) for b in args.batches}
-        run_case(llm, prompts_for[args.batches[0]][:1], 8)  # warm-up (kernels, graphs, allocator)
+        for batch in args.batches:  # warm-up: kernels compiled and tuned for each batch's shapes
+            run_case(llm, prompts_for[batch], 8)
         for batch in args.batches:
             r = run_case(llm, prompts_for[batch], args.new_tokens)
             if method is None:
