@@ -218,10 +218,23 @@ def test_a_killed_rank_takes_the_worker_down_with_one_clear_error(worker_launche
     assert "Traceback" not in log
 
 
-def test_sigterm_stops_every_rank_cleanly(worker_launcher, tiny_model_dir):
+async def test_a_two_rank_worker_serves_one_ranks_tokens_and_sigterm_stops_every_rank(
+    worker_launcher, tiny_model_dir
+):
+    import grpc
+    from transformers import AutoTokenizer
+
+    from kvmesh.client import build_request, generate
+
     worker = worker_launcher.start("tp-term", model=str(tiny_model_dir), extra=TP_WORKER_ARGS)
     ranks = _rank_pids(worker.proc.pid)
     assert len(ranks) == 1
+    prompt = "The capital of France is"
+    request = build_request(prompt, max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True)
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        served = await generate(channel, request, timeout=120)
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir).encode(prompt)
+    assert list(served.token_ids) == _generate(str(tiny_model_dir), 1, [ids], num_blocks=64)[0]
     worker.proc.terminate()
     assert worker.proc.wait(60) == 0, worker.log()[-3000:]
     assert _wait_gone(ranks[0], 15)
