@@ -32,7 +32,11 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget per step (default 2048)"),
     "--max-model-len": ("max_model_len", int, "context length (default: the model's)"),
     "--gpu-memory-utilization": ("gpu_memory_utilization", float, "GPU memory fraction to use (default 0.9)"),
-    "--tensor-parallel-size": ("tensor_parallel_size", int, "GPUs per replica (default 1)"),
+    "--tensor-parallel-size": (
+        "tensor_parallel_size",
+        int,
+        "ranks one replica is sharded over: GPUs, or processes on the CPU (default 1)",
+    ),
     "--attention-backend": ("attention_backend", str, "auto, torch, triton or flash_attn"),
     "--max-waiting": ("max_waiting", int, "waiting requests before RESOURCE_EXHAUSTED (default 1024)"),
     "--seed": ("seed", int, "engine seed for requests without their own (default 0)"),
