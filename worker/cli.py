@@ -30,6 +30,11 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--num-blocks": ("num_blocks", int, "KV-cache blocks (default: sized from --gpu-memory-utilization)"),
     "--max-num-seqs": ("max_num_seqs", int, "most sequences in one batch (default 64)"),
     "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget per step (default 2048)"),
+    "--decode-token-budget": (
+        "decode_token_budget",
+        int,
+        "token budget of a step while streams are decoding (default 1024; keeps inter-token latency even)",
+    ),
     "--max-model-len": ("max_model_len", int, "context length (default: the model's)"),
     "--gpu-memory-utilization": ("gpu_memory_utilization", float, "GPU memory fraction to use (default 0.9)"),
     "--tensor-parallel-size": (

@@ -183,3 +183,26 @@ def test_a_long_prefill_ahead_in_priority_never_takes_the_decodes_tokens():
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.token_ids.append(7)
+
+
+def test_a_step_beside_decodes_takes_the_smaller_decode_budget():
+    bm = BlockManager(64, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16, decode_token_budget=6)
+    first = make_seq(list(range(40)), rid="first")
+    sched.add(first)
+    assert sched.schedule().num_tokens == [16]  # nothing decodes: a prompt gets the full budget
+    first.num_computed_tokens = 16
+    short = make_seq([1, 2], rid="short")
+    sched.add(short)
+    out = sched.schedule()
+    assert out.num_tokens == [16]  # still no decode; the short prompt waits behind the budget
+    first.num_computed_tokens = 32
+    out = sched.schedule()
+    assert out.num_tokens == [8, 2]  # first's last chunk, and short is admitted
+    for seq, n in zip(out.seqs, out.num_tokens):
+        seq.num_computed_tokens += n
+        seq.token_ids.append(7)  # both sampled: both decode now
+    late = make_seq(list(range(100, 130)), rid="late")
+    sched.add(late)
+    out = sched.schedule()
+    assert dict(zip((s.request_id for s in out.seqs), out.num_tokens)) == {"first": 1, "short": 1, "late": 4}

@@ -19,6 +19,9 @@ class EngineConfig:
     num_blocks: int | None = None  # None: sized from memory
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # The budget of a step while any sequence is decoding: prefill chunks beside decodes stay this
+    # small, so streams keep an even pace (None: max_num_batched_tokens). See docs/benchmarks.md.
+    decode_token_budget: int | None = 1024
     max_model_len: int | None = None  # None: the model's own limit, capped by the KV pool
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -47,6 +50,8 @@ class EngineConfig:
             raise ValueError("num_blocks must be >= 2")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.decode_token_budget is not None and self.decode_token_budget < 1:
+            raise ValueError("decode_token_budget must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if not 1 <= self.tensor_parallel_size <= 64:
@@ -59,7 +64,7 @@ class EngineConfig:
 
     @property
     def speculative_method(self) -> str | None:
-        """"ngram", "draft" or None (off)."""
+        """ "ngram", "draft" or None (off)."""
         if self.speculative_model and self.speculative in (None, "draft"):
             return "draft"
         return self.speculative

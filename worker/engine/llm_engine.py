@@ -81,7 +81,12 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            decode_token_budget=config.decode_token_budget,
+        )
         self.speculator: SpeculativeDecoder | None = None
         if config.speculative_method is not None:
             if draft is not None:

@@ -3,7 +3,11 @@
 There is no prefill or decode phase: each step, every running sequence asks
 for the tokens it still lacks (one for a decode, a chunk for a prefill), then
 waiting sequences are admitted in (priority, arrival) order while the budget,
-the sequence cap and the block pool allow. When a running sequence cannot grow,
+the sequence cap and the block pool allow. While any sequence decodes, the
+step's budget is the smaller ``decode_token_budget``: a decode waits for the
+whole step, so the prefill work beside it sets every stream's inter-token
+latency; with nothing decoding, prompts get the full budget (time to first
+token). Each running decode keeps one token of the budget for itself. When a running sequence cannot grow,
 the lowest-priority, latest-arrived running sequence is preempted: its blocks
 are freed (its full blocks stay in the prefix cache) and it waits to be
 recomputed.
@@ -30,10 +34,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        decode_token_budget: int | None = None,
+    ) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.decode_token_budget = min(decode_token_budget or max_num_batched_tokens, max_num_batched_tokens)
         self.waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by (priority, arrival)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -61,7 +72,6 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
         preempted = False
         i = 0
         # Running sequences first, in priority order, so preemption victims come from the tail.
@@ -69,6 +79,7 @@ class Scheduler:
         # Every running decode keeps a token of the budget: an earlier request's prefill chunk
         # takes only what the decodes leave, so no stream stalls behind a long prompt.
         decodes_left = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens <= 1)
+        budget = self.decode_token_budget if decodes_left else self.max_num_batched_tokens
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             need = seq.num_tokens - seq.num_computed_tokens
