@@ -499,6 +499,7 @@ def test_graph_runner_staging_matches_eager() -> None:
 
     from kvmesh.worker.engine.cuda_graphs import CudaGraphRunner
     from kvmesh.worker.engine.model_runner import StepInputs
+    from kvmesh.worker.model.layers import use_fused_kernels
     from kvmesh.worker.model.llama import LlamaForCausalLM
 
     config = LlamaConfig(
@@ -513,6 +514,7 @@ def test_graph_runner_staging_matches_eager() -> None:
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = LlamaForCausalLM(config, TritonAttentionBackend(), 256).eval()
+    use_fused_kernels(model, True)  # as build_model chooses for the Triton backend on a GPU
     cache_eager = torch.zeros(2, 2, 32, 16, 2, 16, device=DEVICE)
     cache_graph = cache_eager.clone()
     runner = CudaGraphRunner(model, cache_graph, 8, 256, 16, DEVICE)
@@ -570,3 +572,44 @@ def test_graph_runner_staging_matches_eager() -> None:
             if greedy is not None:
                 assert greedy.tolist() == logits.argmax(-1).tolist()
         torch.testing.assert_close(cache_graph, cache_eager, rtol=1e-5, atol=1e-5)
+
+
+@real_shape
+def test_the_torch_backend_on_a_gpu_runs_no_triton_kernel_and_matches_the_triton_path():
+    """``--attention-backend torch`` is the reference: its norms, activation and RoPE are torch ops
+    too; the Triton path gives the same logits within bf16-free float32 rounding."""
+    from transformers import LlamaConfig
+
+    from kvmesh.worker.attention import AttentionMetadata, get_backend
+    from kvmesh.worker.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+    from kvmesh.worker.model.llama import build_model
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97, max_position_embeddings=256,
+    )  # fmt: skip
+    models = {}
+    for name in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = build_model(config, get_backend(name, DEVICE), 256, DEVICE, torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        kinds = [m for m in model.modules() if isinstance(m, (RMSNorm, SiluAndMul, RotaryEmbedding))]
+        assert {m.fused for m in kinds} == {name == "triton"}
+        models[name] = model
+    n = 12
+    logits = {}
+    for name, model in models.items():
+        cache = torch.zeros(2, 2, 4, 16, 2, 16, device=DEVICE)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=DEVICE),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=DEVICE),
+            block_tables=torch.tensor([[0]], dtype=torch.int32, device=DEVICE),
+            slot_mapping=torch.arange(n, device=DEVICE),
+            max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n],
+        )  # fmt: skip
+        ids = torch.arange(3, 3 + n, device=DEVICE)
+        with torch.inference_mode():
+            logits[name] = model.compute_logits(model(ids, torch.arange(n, device=DEVICE), cache, meta))
+    torch.testing.assert_close(logits["torch"], logits["triton"], rtol=1e-4, atol=1e-4)

@@ -33,6 +33,10 @@ class AttentionMetadata:
     # Host copies, for backends that loop per sequence (the torch reference).
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # Worked out once per step by the first layer that needs them, for all layers: the RoPE cos/sin
+    # rows on the unfused path, and whether any sequence decodes (one query row).
+    rope_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    has_decode: bool | None = None
 
     @property
     def num_seqs(self) -> int:

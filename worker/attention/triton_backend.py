@@ -14,11 +14,6 @@ from kvmesh.worker.kernels.kv_cache import write_kv
 class TritonAttentionBackend:
     name = "triton"
 
-    def __init__(self) -> None:
-        # Whether the step has single-token sequences, worked out once per step (not per layer).
-        self._meta: AttentionMetadata | None = None
-        self._has_decode = True
-
     def write_kv(
         self,
         key: torch.Tensor,
@@ -37,10 +32,9 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if meta is not self._meta:
-            self._meta = meta
+        if meta.has_decode is None:  # once per step (the first layer), kept on the step's metadata
             qsl = meta.query_start_loc_cpu
-            self._has_decode = qsl is None or any(b - a == 1 for a, b in itertools.pairwise(qsl))
+            meta.has_decode = qsl is None or any(b - a == 1 for a, b in itertools.pairwise(qsl))
         return paged_attention(
             query,
             k_cache,
@@ -51,5 +45,5 @@ class TritonAttentionBackend:
             meta.max_query_len,
             meta.max_seq_len,
             scale,
-            has_decode=self._has_decode,
+            has_decode=meta.has_decode,
         )

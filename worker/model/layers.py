@@ -13,6 +13,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused = False  # the Triton kernel (use_fused_kernels); else plain torch ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``.
@@ -20,7 +21,7 @@ class RMSNorm(nn.Module):
         The residual form lets a decoder carry its stream through the norms, so on
         the GPU the add is fused into the norm's kernel (updating ``residual`` in place).
         """
-        if x.is_cuda:  # one fused Triton kernel, same rounding
+        if self.fused:  # one fused Triton kernel, same rounding
             from kvmesh.worker.kernels.norm import rms_norm
 
             if residual is None:
@@ -41,8 +42,12 @@ class RMSNorm(nn.Module):
 class SiluAndMul(nn.Module):
     """Input ``[..., 2 * I]`` holding gate then up projections."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if self.fused:
             from kvmesh.worker.kernels.activation import silu_and_mul
 
             return silu_and_mul(x)
@@ -80,22 +85,25 @@ class RotaryEmbedding(nn.Module):
         self.sin = emb.sin() * scaling
         half = head_dim // 2
         self.cos_sin = torch.cat((self.cos[:, :half], self.sin[:, :half]), dim=-1)  # the GPU kernel's table
-        self._rows_for: torch.Tensor | None = None  # the CPU path's rows of one step, gathered once
-        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fused = False
 
-    def forward(self, positions: torch.Tensor, qk: torch.Tensor, num_q_heads: int):
+    def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's cos and sin rows for the unfused path (gathered once per step, kept on the
+        step's attention metadata); None when the fused kernel reads the table itself."""
+        if self.fused:
+            return None
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, positions: torch.Tensor, qk: torch.Tensor, num_q_heads: int, rows=None):
         """``qk [T, H + Hkv, D]``: the queries' heads, then the keys'. Returns the rotated
-        ``q [T, H, D]`` and ``k [T, Hkv, D]`` in their dtype."""
-        if qk.is_cuda:  # in place, one Triton launch for q and k
+        ``q [T, H, D]`` and ``k [T, Hkv, D]`` in their dtype. ``rows`` is ``rows(positions)``."""
+        if self.fused:  # in place, one Triton launch for q and k
             from kvmesh.worker.kernels.rotary import apply_rotary
 
             q, k = qk.split([num_q_heads, qk.shape[1] - num_q_heads], dim=1)
             apply_rotary(positions, q, k, self.cos_sin)
             return q, k
-        if positions is not self._rows_for:  # every layer of a step passes the same positions
-            self._rows_for = positions
-            self._rows = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
-        cos, sin = self._rows
+        cos, sin = rows if rows is not None else self.rows(positions)
         x = qk.float()  # elementwise, so rotating q and k together rounds exactly as one by one
         out = (x * cos + _rotate_half(x) * sin).to(qk.dtype)
         return out.split([num_q_heads, qk.shape[1] - num_q_heads], dim=1)
@@ -127,3 +135,12 @@ def store_linear_weights_transposed_(model: nn.Module) -> None:
         weight.data = torch.empty_strided(
             (out_features, in_features), (1, out_features), dtype=weight.dtype, device=weight.device
         )
+
+
+def use_fused_kernels(model: nn.Module, fused: bool) -> None:
+    """Chooses, for every norm, activation and rotary module of ``model``, between the Triton
+    kernels (a GPU with a Triton-family attention backend) and plain torch ops (the CPU, or
+    ``--attention-backend torch`` on a GPU: the reference path runs no Triton at all)."""
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, SiluAndMul, RotaryEmbedding)):
+            module.fused = fused

@@ -19,6 +19,7 @@ from kvmesh.worker.model.layers import (
     RotaryEmbedding,
     SiluAndMul,
     store_linear_weights_transposed_,
+    use_fused_kernels,
 )
 from kvmesh.worker.model.parallel import (
     SINGLE,
@@ -58,7 +59,7 @@ class Attention(nn.Module):
         qk_size = self.q_size + self.kv_size  # queries and keys rotate together, as one tensor
         qk = qkv[:, :qk_size].unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim))
         v = qkv[:, qk_size:].unflatten(-1, (self.num_kv_heads, self.head_dim))
-        q, k = rotary(positions, qk, self.num_heads)
+        q, k = rotary(positions, qk, self.num_heads, meta.rope_rows)
         k_cache, v_cache = kv_cache[0][self.layer_idx], kv_cache[1][self.layer_idx]
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
@@ -129,6 +130,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if meta.rope_rows is None:  # per-step state rides on the step's metadata, set once here
+            meta.rope_rows = self.rotary.rows(positions)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, self.rotary, kv_cache, meta)
         return self.norm(hidden, residual)[0]
@@ -232,6 +235,8 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     if torch.device(device).type == "cpu":  # faster matrix-vector products for decode
         store_linear_weights_transposed_(model)
+    # Triton norms, activation and RoPE on a GPU, unless the torch reference backend was chosen.
+    use_fused_kernels(model, torch.device(device).type == "cuda" and backend.name != "torch")
     return model
 
 
