@@ -11,7 +11,13 @@ import sys
 from kvmesh.gateway.router import POLICIES
 from kvmesh.logs import setup_logging
 from kvmesh.redact import ARGV_WARNING, password_in_argv
-from kvmesh.tls import add_server_flags, add_worker_client_flags, server_tls, worker_client_tls
+from kvmesh.tls import (
+    add_server_flags,
+    add_worker_client_flags,
+    flags_error,
+    server_tls,
+    worker_client_tls,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("kvmesh.gateway").warning(ARGV_WARNING)
     if not args.redis_url and not args.worker:
         print("kvmesh gateway: give --redis-url or at least one --worker", file=sys.stderr)
+        return 2
+    if error := flags_error(args):
+        print(f"kvmesh gateway: {error}", file=sys.stderr)
         return 2
     from kvmesh.ports import taken_ports_error
 

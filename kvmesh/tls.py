@@ -254,3 +254,35 @@ def client_tls(args) -> ClientTls:
 def api_key_from_env() -> str:
     """The gateway API key of a client, from env only (``KVMESH_API_KEY``): never in argv."""
     return os.environ.get("KVMESH_API_KEY", "").strip()
+
+
+# flag -> the flags it needs; checked by the CLIs before anything starts.
+_NEEDS = {
+    "--tls-cert": ("--tls-key",),
+    "--tls-key": ("--tls-cert",),
+    "--tls-client-ca": ("--tls-cert",),
+    "--worker-tls-cert": ("--worker-tls-key", "--worker-tls-ca"),
+    "--worker-tls-key": ("--worker-tls-cert",),
+    "--worker-tls-server-name": ("--worker-tls-ca",),
+}
+_FILES = (
+    "--tls-cert", "--tls-key", "--tls-client-ca", "--worker-tls-ca", "--worker-tls-cert", "--worker-tls-key",
+)  # fmt: skip
+
+
+def flags_error(args) -> str:
+    """One line naming the first TLS flag given without a flag it needs, or whose file cannot be
+    read ("" when all is well). A certificate left out must never mean plaintext in silence, and a
+    Secret key missing from a mount should stop the process at once, by name."""
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), "") or "" for flag in (*_NEEDS, *_FILES)}
+    for flag, needs in _NEEDS.items():
+        missing = [n for n in needs if not given[n]]
+        if given[flag] and missing:
+            return f"{flag} needs {' and '.join(missing)}"
+    for flag in _FILES:
+        if given[flag]:
+            try:
+                Path(given[flag]).read_bytes()
+            except OSError as e:
+                return f"cannot read {flag} {given[flag]}: {e.strerror or e}"
+    return ""

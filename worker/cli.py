@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvmesh.logs import setup_logging
 from kvmesh.redact import ARGV_WARNING, password_in_argv
-from kvmesh.tls import add_server_flags, server_tls
+from kvmesh.tls import add_server_flags, flags_error, server_tls
 
 if TYPE_CHECKING:
     from kvmesh.worker.engine.client import EngineClient
@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     if password_in_argv(args.redis_url, sys.argv):
         logging.getLogger("kvmesh.worker").warning(ARGV_WARNING)
-    # Fast, one-line failures before torch loads: a model that is not there, a port that is taken.
+    # Fast, one-line failures before torch loads: a model that is not there, a port that is taken,
+    # a certificate that cannot be read.
+    if error := flags_error(args):
+        logging.getLogger("kvmesh.worker").error("%s", error)
+        return 2
     from kvmesh.ports import taken_ports_error
     from kvmesh.worker.model.loader import ModelNotFound, locate_model
 
