@@ -1,9 +1,10 @@
 """Resident memory of one CPU worker serving the embedded model, as ``ps`` shows it.
 
 Starts ``kvmesh worker`` (from this checkout, or from another given with ``--tree`` to compare
-against an older commit), waits until it serves, sends one greedy request, then reads the
-worker's /proc status: resident set (anonymous and file-backed parts) and its peak. Prints one
-table, a row per tree.
+against an older commit), waits until it serves, sends one greedy request, then reads /proc status
+of the worker and of its children (the engine core runs in a child process): resident set
+(anonymous and file-backed parts) and peak, summed over the processes. Prints one table, a row per
+tree, and a row per process of a worker that has more than one.
 
     python bench/cpu_memory.py
     git archive OLD | tar -x -C /tmp/old && python bench/cpu_memory.py --tree /tmp/old --tree .
@@ -40,7 +41,21 @@ def status_mib(pid: int) -> dict[str, float]:
     return out
 
 
-def measure(tree: Path, threads: int) -> dict[str, float]:
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def measure(tree: Path, threads: int) -> list[dict[str, float]]:
+    """One entry per process of the worker (itself first, then its children)."""
     from kvmesh.client import build_request
     from kvmesh.v1 import inference_pb2_grpc
 
@@ -61,7 +76,7 @@ def measure(tree: Path, threads: int) -> dict[str, float]:
                     if worker.poll() is not None or time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
-        return status_mib(worker.pid)
+        return [status_mib(pid) for pid in [worker.pid, *children(worker.pid)]]
     finally:
         worker.terminate()
         worker.wait(60)
@@ -76,8 +91,12 @@ def main() -> None:
     print(f"one CPU worker, default model, after one request; MiB ({args.threads} threads)")
     print(f"{'tree':<28}{'RSS':>8}{'anon':>8}{'file':>8}{'peak':>8}")
     for tree in trees:
-        m = measure(tree, args.threads)
-        print(f"{str(tree)[-28:]:<28}" + "".join(f"{m[k]:>8.0f}" for k in FIELDS))
+        processes = measure(tree, args.threads)
+        total = {k: sum(p[k] for p in processes) for k in FIELDS}
+        print(f"{str(tree)[-28:]:<28}" + "".join(f"{total[k]:>8.0f}" for k in FIELDS))
+        if len(processes) > 1:
+            for name, m in zip(["  front", "  engine core", "  other"], processes):
+                print(f"{name:<28}" + "".join(f"{m[k]:>8.0f}" for k in FIELDS))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ from kvmesh.worker.engine.sampling_params import SamplingParams
 from kvmesh.worker.model import loader
 
 log = logging.getLogger(__name__)
-# Not ``-m``: the core's classes must pickle under their module's name, not as __main__'s.
-CORE_MAIN = "import sys; from kvmesh.worker.engine.core import main; sys.exit(main(sys.argv[1:]))"
+# Not ``-m``: the core's classes must pickle under their module's name, not as __main__'s. The
+# core leaves through os._exit once its streams are flushed: tearing down torch's interpreter
+# state can take seconds on a busy machine and there is nothing left to save.
+CORE_MAIN = (
+    "import os, sys; from kvmesh.worker.engine.core import main; code = main(sys.argv[1:]); "
+    "sys.stdout.flush(); sys.stderr.flush(); os._exit(code)"
+)
 STOP_TIMEOUT = 10.0  # seconds the core gets to finish after "stop" before it is killed
 
 
