@@ -112,6 +112,21 @@ _ENGINE: Schema = {
             16, 1, 256, description="KV-cache block size in tokens (also the prefix-hash unit)."
         ),
         "maxNumSeqs": _int(256, 1, 65536, description="Most sequences batched at once."),
+        "maxNumBatchedTokens": _int(
+            None,
+            1,
+            1048576,
+            description="Token budget of a step while no stream is decoding (prompt chunks); unset: "
+            "the worker's default, 2048.",
+        ),
+        "decodeTokenBudget": _int(
+            None,
+            1,
+            1048576,
+            description="Token budget of a step while streams are decoding: bounds the prefill work "
+            "beside each decode, so inter-token latency stays even; unset: the worker's default, "
+            "1024. Lower favours smooth streams, higher favours throughput and time to first token.",
+        ),
         "maxModelLen": _int(4096, 16, 1048576, description="Longest context (prompt + output) in tokens."),
         "gpuMemoryUtilization": _num(0.9, 0.05, 0.99, description="Fraction of GPU memory for weights + KV."),
         "tensorParallelSize": _int(

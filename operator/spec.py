@@ -84,12 +84,18 @@ class SpeculativeSpec:
         ]  # fmt: skip
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 @dataclass(slots=True, frozen=True)
 class EngineSpec:
     dtype: str
     block_size: int
     max_num_seqs: int
     max_model_len: int
+    max_num_batched_tokens: int | None
+    decode_token_budget: int | None
     gpu_memory_utilization: float
     tensor_parallel_size: int
     extra_args: list[str]
@@ -178,6 +184,8 @@ class DeploymentSpec:
                 block_size=int(engine["blockSize"]),
                 max_num_seqs=int(engine["maxNumSeqs"]),
                 max_model_len=int(engine["maxModelLen"]),
+                max_num_batched_tokens=_optional_int(engine.get("maxNumBatchedTokens")),
+                decode_token_budget=_optional_int(engine.get("decodeTokenBudget")),
                 gpu_memory_utilization=float(engine["gpuMemoryUtilization"]),
                 tensor_parallel_size=int(engine["tensorParallelSize"]),
                 extra_args=list(engine["extraArgs"]),

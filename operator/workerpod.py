@@ -111,6 +111,10 @@ def worker_command(
         # Only when sharded: a flag more on every pod would roll every existing deployment.
         *(["--tensor-parallel-size", str(engine.tensor_parallel_size)]
           if engine.tensor_parallel_size > 1 else []),
+        *(["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
+          if engine.max_num_batched_tokens is not None else []),
+        *(["--decode-token-budget", str(engine.decode_token_budget)]
+          if engine.decode_token_budget is not None else []),
         *engine.speculative.worker_args(),  # none while speculation is off, likewise
         # In-flight streams get the pod's grace period, less time to exit before SIGKILL.
         "--shutdown-grace", str(TERMINATION_GRACE_S - 5),
