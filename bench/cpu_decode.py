@@ -8,6 +8,7 @@ resident memory is the process's own after the run. Prints one table of medians.
     python bench/cpu_decode.py                       # 3 rounds, 128 tokens, 2 threads
     python bench/cpu_decode.py --rounds 5 --tokens 256 --threads 1
     python bench/cpu_decode.py --one kvmesh          # a single measurement, as JSON
+    python bench/cpu_decode.py --layouts 1 --threads 1   # weight layouts: CPU ms of the model's products
     git archive OLD | tar -x -C /tmp/old && python bench/cpu_decode.py --tree /tmp/old   # and an older kvmesh
 """
 
@@ -104,6 +105,41 @@ def measure_transformers(tokens: int) -> dict:
     }
 
 
+# SmolLM2-135M's projections: hidden 576, 30 layers, 9 query and 3 KV heads of 64, intermediate 1536,
+# vocabulary 49152 (qkv, o, gate/up, down per layer, then the LM head).
+MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
+
+
+def measure_layouts(threads: int, rows: int, passes: int = 9) -> dict:
+    """CPU milliseconds of one ``F.linear`` per weight matrix of the embedded model's shapes (random
+    values) on ``rows`` input rows: weights in the ``[out, in]`` layout, then the same weights stored
+    transposed, as kvmesh keeps them on the CPU (layers.store_linear_weights_transposed_); passes
+    alternate the two, medians. Together the weights outsize the last-level cache, as in decode."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    plain = [torch.randn(shape, generator=gen) * 0.02 for shape in MODEL_SHAPES]
+    transposed = [w.t().contiguous().t() for w in plain]
+    inputs = {k: torch.randn(rows, k, generator=gen) for k in (576, 1536)}
+    times: dict[str, list[float]] = {"out_in_ms": [], "transposed_ms": []}
+    with torch.inference_mode():
+        for _ in range(passes):
+            for name, weights in (("out_in_ms", plain), ("transposed_ms", transposed)):
+                start = time.process_time()
+                for w in weights:
+                    F.linear(inputs[w.shape[1]], w)
+                times[name].append((time.process_time() - start) * 1000)
+        diff = max(
+            float((F.linear(inputs[a.shape[1]], a) - F.linear(inputs[b.shape[1]], b)).abs().max())
+            for a, b in zip(plain, transposed)
+        )
+    result: dict = {name: statistics.median(ts) for name, ts in times.items()}
+    result.update(rows=rows, threads=threads, passes=passes, max_abs_difference=diff)
+    return result
+
+
 def one(engine: str, tokens: int, threads: int) -> dict:
     import torch
 
@@ -125,7 +161,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", choices=["kvmesh", "transformers"], help="measure once, print JSON")
     parser.add_argument("--tree", type=Path, help="also measure this checkout's kvmesh (an older commit)")
+    parser.add_argument(
+        "--layouts", type=int, metavar="ROWS", help="time the model's matrix products in both weight layouts"
+    )
     args = parser.parse_args()
+    if args.layouts:
+        print(json.dumps(measure_layouts(args.threads, args.layouts)))
+        return
     if args.one:
         print(json.dumps(one(args.one, args.tokens, args.threads)))
         return

@@ -119,12 +119,12 @@ def store_linear_weights_transposed_(model: nn.Module) -> None:
     ``[out, in]`` tensor (so every caller of ``F.linear`` works unchanged) with strides
     ``(1, out)``. Called before the weights are loaded: the contents become undefined.
 
-    On the CPU a float32 matrix-vector product (one decode token) against an ``[in, out]``
-    row-major matrix takes about a fifth less time than against the ``[out, in]`` one for the
-    same bytes of weight (the BLAS streams whole rows and accumulates a row of outputs instead of
-    reducing each output's dot product), measured on this model's shapes; products of many rows
-    (prefill) run at the same speed either way. A tied LM head shares the embedding's tensor, whose
-    row lookups then read strided memory (one row per token, a negligible cost)."""
+    On the CPU a float32 matrix-vector product (one decode token) against the ``[in, out]``
+    row-major operand this gives the BLAS costs about a quarter less CPU than against ``[out, in]``
+    for the same bytes of weight (``bench/cpu_decode.py --layouts 1``: SmolLM2-135M's shapes); its
+    sums accumulate in another order (last-bit differences). Products of several rows take the same
+    path either way (bit-identical) at about the same speed. A tied LM head shares the embedding's
+    tensor, whose row lookups then read strided memory (one row per token)."""
     seen: set[int] = set()
     for module in model.modules():
         weight = getattr(module, "weight", None)
