@@ -122,14 +122,12 @@ class EngineClient:
         self._subscribers: set[BlockSubscription] = set()
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: asyncio.Event | None = None
         self._stopped = False
         self.metrics_sink: Any = None  # worker/engine_metrics.EngineSink, set by the worker's metrics
 
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._failed = asyncio.Event()
         self._socket.setblocking(False)
         reader, self._writer = await asyncio.open_unix_connection(sock=self._socket, limit=1 << 20)
@@ -179,7 +177,7 @@ class EngineClient:
     ) -> AsyncIterator[StepOutput]:
         """Streams the request's deltas (with text); raises InvalidRequest, QueueFull or
         EngineStopped before the first one when the request cannot run."""
-        if self._stopped or self._loop is None:
+        if self._stopped or self._writer is None:
             raise EngineStopped("the engine is not running")
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already running")
@@ -219,7 +217,8 @@ class EngineClient:
             for i, token in enumerate(item[1]):
                 token_ids.append(token)
                 if item[7] is not None:
-                    logprobs = (logprobs or []) + [item[7][i]]
+                    logprobs = logprobs if logprobs is not None else []
+                    logprobs.append(item[7][i])
                 if detok.add(token):  # a stop string: the stream ends at this token
                     out = self._output(item, token_ids, detok.take(final=True), logprobs)
                     out.finished, out.finish_reason = True, "stop"
