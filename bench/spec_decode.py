@@ -246,7 +246,8 @@ def main() -> None:
             )
             rows.append(row)
             results.append({k2: v for k2, v in r.items() if k2 != "outputs"} | {
-                "method": name, "k": k, "batch": batch, "tail_scale": args.tail_scale, "speedup": speedup, "identical": same})  # fmt: skip
+                "method": name, "k": k, "batch": batch, "tail_scale": args.tail_scale,
+                "speedup": speedup, "identical": same})  # fmt: skip
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
         del llm
         gc.collect()
