@@ -45,6 +45,13 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--attention-backend": ("attention_backend", str, "auto, torch, triton or flash_attn"),
     "--max-waiting": ("max_waiting", int, "waiting requests before RESOURCE_EXHAUSTED (default 1024)"),
     "--seed": ("seed", int, "engine seed for requests without their own (default 0)"),
+    "--quantization": (
+        "quantization",
+        str,
+        "weights: auto (the checkpoint's own format), none, fp8 (quantizes 16-bit weights at load), "
+        "gptq, awq or gguf (default auto)",
+    ),
+    "--kv-cache-dtype": ("kv_cache_dtype", str, "KV cache: auto (the model's dtype) or fp8 (default auto)"),
     "--speculative": ("speculative", str, "speculative decoding: ngram (prompt lookup) or draft"),
     "--speculative-model": ("speculative_model", str, "draft model sharing the tokenizer (implies draft)"),
     "--num-speculative-tokens": ("num_speculative_tokens", int, "proposals verified per step (default 4)"),

@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU, where no memory profiling applies
+QUANTIZATIONS = ("auto", "none", "fp8", "gptq", "awq", "gguf")  # kvmesh.worker.model.quant
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(slots=True)
@@ -31,6 +33,10 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (benchmarks only)
+    # Weights (kvmesh.worker.model.quant): auto = the checkpoint's own format; none, fp8, gptq, awq,
+    # gguf. The KV cache: auto = the model's dtype; fp8 = float8 e4m3 with per-layer scales.
+    quantization: str = "auto"
+    kv_cache_dtype: str = "auto"
     # Speculative decoding (worker/engine/speculative): "ngram" (prompt lookup) or a draft model's
     # path in speculative_model; each speculating decode verifies up to k proposals per step.
     speculative: str | None = None  # None | "ngram" | "draft" (implied by speculative_model)
@@ -60,6 +66,14 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}"
+            )
         self._validate_speculative()
 
     @property

@@ -12,7 +12,7 @@ from kvmesh.worker.attention import AttentionMetadata, get_backend
 from kvmesh.worker.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kvmesh.worker.engine.sampler import sample
 from kvmesh.worker.engine.scheduler import SchedulerOutput
-from kvmesh.worker.model import loader
+from kvmesh.worker.model import loader, quant
 from kvmesh.worker.model.llama import build_model
 from kvmesh.worker.model.parallel import SINGLE, ParallelGroup, check_shardable
 
@@ -83,8 +83,23 @@ class ModelRunner:
         model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
         self.max_positions = min(config.max_model_len or model_max, model_max)
         torch.manual_seed(config.seed)
+        source = loader.locate_model(config.model)
+        gguf_file = source.location if source.kind == "gguf" else None
+        self.quant = quant.resolve(config.quantization, hf_config, gguf_file=gguf_file, device=self.device)
+        if self.quant is not None and self.group.size > 1:
+            raise ValueError("quantization with tensor_parallel_size > 1 is not supported yet")
+        if self.quant is not None:
+            log.info(
+                "Quantization: %s%s", self.quant.method, "" if self.quant.from_checkpoint else " (at load)"
+            )
         self.model = build_model(
-            hf_config, self.backend, self.max_positions, self.device, self.dtype, self.group
+            hf_config,
+            self.backend,
+            self.max_positions,
+            self.device,
+            self.dtype,
+            self.group,
+            quant.method_for(self.quant),
         )
         if config.load_format == "dummy":
             self.model.init_random(config.seed)

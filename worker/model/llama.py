@@ -3,7 +3,9 @@
 Weights use transformers' names except for two fused projections, which the
 loader builds: ``qkv_proj`` (q, k, v stacked) and ``gate_up_proj``. Under tensor
 parallelism (kvmesh.worker.model.parallel) every rank builds the same modules with
-its shard's shapes and reads only its slices of the checkpoint.
+its shard's shapes and reads only its slices of the checkpoint. A quantized model's four linear
+layers per decoder layer are QuantLinear modules (kvmesh.worker.model.quant) holding the
+checkpoint's own tensors.
 """
 
 from __future__ import annotations
@@ -32,14 +34,29 @@ from kvmesh.worker.model.parallel import (
     shard_rows,
     split_range,
 )
+from kvmesh.worker.model.quant import LinearMethod, QuantLinear, process_after_loading
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+
+
+def _linear(in_features: int, out_features: int, bias: bool, quant: LinearMethod | None) -> nn.Module:
+    if quant is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return QuantLinear(in_features, out_features, bias, quant)
+
+
+def _row_parallel(in_features, out_features, bias, group, quant: LinearMethod | None) -> nn.Module:
+    if quant is None:
+        return RowParallelLinear(in_features, out_features, bias, group)
+    return QuantLinear(in_features, out_features, bias, quant)  # a single rank (ModelRunner checks)
 
 
 class Attention(nn.Module):
     """This rank's query heads and the KV heads they read (all of them on a single rank)."""
 
-    def __init__(self, config, layer_idx: int, backend: AttentionBackend, group: ParallelGroup = SINGLE):
+    def __init__(
+        self, config, layer_idx: int, backend: AttentionBackend, group: ParallelGroup = SINGLE, quant=None
+    ):
         super().__init__()
         total_kv = config.num_key_value_heads or config.num_attention_heads
         self.shard = head_shard(config.num_attention_heads, total_kv, group)
@@ -51,8 +68,8 @@ class Attention(nn.Module):
         qkv_bias, o_bias = _attention_biases(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
-        self.o_proj = RowParallelLinear(q_size * group.size, config.hidden_size, o_bias, group)
+        self.qkv_proj = _linear(config.hidden_size, q_size + 2 * kv_size, qkv_bias, quant)
+        self.o_proj = _row_parallel(q_size * group.size, config.hidden_size, o_bias, group, quant)
 
     def forward(self, positions, hidden, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(hidden)
@@ -69,12 +86,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """This rank's columns of gate and up (stacked: its gate slice, then its up slice)."""
 
-    def __init__(self, config, group: ParallelGroup = SINGLE) -> None:
+    def __init__(self, config, group: ParallelGroup = SINGLE, quant: LinearMethod | None = None) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         local = config.intermediate_size // group.size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * local, bias=bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, group)
+        self.gate_up_proj = _linear(config.hidden_size, 2 * local, bias, quant)
+        self.down_proj = _row_parallel(config.intermediate_size, config.hidden_size, bias, group, quant)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +99,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, backend: AttentionBackend, group: ParallelGroup = SINGLE):
+    def __init__(
+        self, config, layer_idx: int, backend: AttentionBackend, group: ParallelGroup = SINGLE, quant=None
+    ):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, backend, group)
-        self.mlp = MLP(config, group)
+        self.self_attn = Attention(config, layer_idx, backend, group, quant)
+        self.mlp = MLP(config, group, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -108,6 +127,7 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int,
         rotary: RotaryEmbedding | None = None,
         group: ParallelGroup = SINGLE,
+        quant: LinearMethod | None = None,
     ) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:
@@ -119,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
         self.group = group
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, backend, group) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, backend, group, quant) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
@@ -170,22 +190,34 @@ class LlamaForCausalLM(nn.Module):
             p, attn = f"model.layers.{i}.", layer.self_attn.shard
             q_rows = (attn.q_start * head_dim, (attn.q_start + attn.q_count) * head_dim)
             kv_rows = (attn.kv_start * head_dim, (attn.kv_start + attn.kv_count) * head_dim)
-            for kind in ("weight", "bias"):
-                parts = [source(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"]
-                if all(t is not None for t in parts):
-                    rows = [q_rows, kv_rows, kv_rows]
-                    put(
-                        f"layers.{i}.self_attn.qkv_proj.{kind}",
-                        torch.cat([t[a:b] for t, (a, b) in zip(parts, rows)]),
-                    )
-                parts = [source(f"{p}mlp.{x}_proj.{kind}") for x in ("gate", "up")]
-                if all(t is not None for t in parts):
-                    put(
-                        f"layers.{i}.mlp.gate_up_proj.{kind}",
-                        torch.cat([t[inter[0] : inter[1]] for t in parts]),
-                    )
+            fused = (
+                ("self_attn.qkv_proj", [f"self_attn.{x}_proj" for x in "qkv"], [q_rows, kv_rows, kv_rows]),
+                ("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"], [inter, inter]),
+            )
+            for target, names, rows in fused:
+                module = layer.get_submodule(target)
+                if isinstance(module, QuantLinear):  # a single rank: whole parts, joined by the method
+                    for kind in (*module.method.suffixes, "bias"):
+                        parts = [source(f"{p}{n}.{kind}") for n in names]
+                        if all(t is not None for t in parts):
+                            parts = [t[:] for t in parts]
+                            sizes = [b - a for a, b in rows]
+                            joined = (
+                                module.method.fuse(kind, parts, sizes) if kind != "bias" else torch.cat(parts)
+                            )
+                            put(f"layers.{i}.{target}.{kind}", joined)
+                    continue
+                for kind in ("weight", "bias"):
+                    parts = [source(f"{p}{n}.{kind}") for n in names]
+                    if all(t is not None for t in parts):
+                        put(
+                            f"layers.{i}.{target}.{kind}",
+                            torch.cat([t[a:b] for t, (a, b) in zip(parts, rows)]),
+                        )
             for short, cols in (("self_attn.o_proj", q_rows), ("mlp.down_proj", inter)):
                 weight = source(f"{p}{short}.weight")
+                if isinstance(layer.get_submodule(short), QuantLinear):
+                    continue  # its tensors load whole, by name, below
                 if weight is not None:  # row-parallel: this rank's input columns; the bias whole
                     put(f"layers.{i}.{short}.weight", weight[:, cols[0] : cols[1]])
         for module, name in ((self.embed_tokens, "embed_tokens.weight"), (self.lm_head, "lm_head.weight")):
@@ -204,32 +236,55 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(set(own) - loaded)
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {missing[:8]}")
+        process_after_loading(self)
 
     def init_random(self, seed: int) -> None:
         """Random weights in place of a checkpoint (benchmarks of shapes no one has on disk): each
         rank draws its own shard, norms are ones. The tokens such a model produces mean nothing."""
-        gen = torch.Generator(device=self.embed_tokens.weight.device)
+        device = self.embed_tokens.weight.device
+        gen = torch.Generator(device=device)
         gen.manual_seed(seed * 1009 + self.group.rank)
+        quantized = {name for name, m in self.named_modules() if isinstance(m, QuantLinear)}
         with torch.no_grad():
+            for name in sorted(quantized):  # a dense random weight, quantized by the layer's method
+                module = self.get_submodule(name)
+                dtype = self.embed_tokens.weight.dtype
+                dense = torch.empty(module.out_features, module.in_features, dtype=dtype, device=device)
+                module.method.load_dense(module, dense.normal_(0.0, 0.02, generator=gen))
+                if module.bias is not None:
+                    module.bias.zero_()
             for name, param in self.named_parameters():
+                if name.rpartition(".")[0] in quantized:
+                    continue
                 if "norm" in name:
                     param.fill_(1.0)
                 elif name.endswith("bias"):
                     param.zero_()
                 else:
                     param.normal_(0.0, 0.02, generator=gen)
+        process_after_loading(self)
 
 
 def build_model(
-    config, backend: AttentionBackend, max_positions: int, device, dtype, group: ParallelGroup = SINGLE
+    config,
+    backend: AttentionBackend,
+    max_positions: int,
+    device,
+    dtype,
+    group: ParallelGroup = SINGLE,
+    quant: LinearMethod | None = None,
 ) -> LlamaForCausalLM:
     """The model (this rank's shard of it) with its parameters allocated once, in ``dtype`` on
     ``device``, and left uninitialized: ``load_weights`` fills every one (no random init, no
-    float32 copy first)."""
+    float32 copy first). With ``quant`` the linear layers hold that method's tensors, in their own
+    dtypes."""
     with torch.device(device):  # the RoPE tables are plain tensors, built where they are used
         rotary = RotaryEmbedding(config, _head_dim(config), max_positions)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions, rotary, group).to(dtype)
+        model = LlamaForCausalLM(config, backend, max_positions, rotary, group, quant).to(dtype)
+        for module in model.modules():  # after the cast: FP8 and integer tensors keep their dtypes
+            if isinstance(module, QuantLinear):
+                module.create_weights(dtype)
     model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty moves meta parameters one by one: tie them again
         model.lm_head.weight = model.embed_tokens.weight

@@ -45,6 +45,8 @@ class DraftProposer:
             enforce_eager=True,
             speculative=None,
             speculative_model=None,
+            # fp8 and none apply to any draft; a checkpoint format is the target's own
+            quantization=config.quantization if config.quantization in ("none", "fp8") else "auto",
         )
         self.config = config
         self.runner = ModelRunner(draft_config, files.directory, hf_config)
