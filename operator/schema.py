@@ -127,6 +127,19 @@ _ENGINE: Schema = {
             "beside each decode, so inter-token latency stays even; unset: the worker's default, "
             "1024. Lower favours smooth streams, higher favours throughput and time to first token.",
         ),
+        "quantization": {
+            "type": "string",
+            "enum": ["auto", "none", "fp8", "gptq", "awq", "gguf"],
+            "description": "How the linear layers hold their weights: auto (the checkpoint's own "
+            "format), none (16-bit), fp8 (W8A8; quantizes a 16-bit checkpoint at load), gptq, awq or "
+            "gguf; unset: the worker's default, auto.",
+        },
+        "kvCacheDtype": {
+            "type": "string",
+            "enum": ["auto", "fp8"],
+            "description": "KV cache dtype: auto (the model's) or fp8 (about twice the tokens); unset: "
+            "the worker's default, auto.",
+        },
         "maxModelLen": _int(4096, 16, 1048576, description="Longest context (prompt + output) in tokens."),
         "gpuMemoryUtilization": _num(0.9, 0.05, 0.99, description="Fraction of GPU memory for weights + KV."),
         "tensorParallelSize": _int(

@@ -96,6 +96,8 @@ class EngineSpec:
     max_model_len: int
     max_num_batched_tokens: int | None
     decode_token_budget: int | None
+    quantization: str | None
+    kv_cache_dtype: str | None
     gpu_memory_utilization: float
     tensor_parallel_size: int
     extra_args: list[str]
@@ -186,6 +188,8 @@ class DeploymentSpec:
                 max_model_len=int(engine["maxModelLen"]),
                 max_num_batched_tokens=_optional_int(engine.get("maxNumBatchedTokens")),
                 decode_token_budget=_optional_int(engine.get("decodeTokenBudget")),
+                quantization=engine.get("quantization"),
+                kv_cache_dtype=engine.get("kvCacheDtype"),
                 gpu_memory_utilization=float(engine["gpuMemoryUtilization"]),
                 tensor_parallel_size=int(engine["tensorParallelSize"]),
                 extra_args=list(engine["extraArgs"]),

@@ -115,6 +115,8 @@ def worker_command(
           if engine.max_num_batched_tokens is not None else []),
         *(["--decode-token-budget", str(engine.decode_token_budget)]
           if engine.decode_token_budget is not None else []),
+        *(["--quantization", engine.quantization] if engine.quantization is not None else []),
+        *(["--kv-cache-dtype", engine.kv_cache_dtype] if engine.kv_cache_dtype is not None else []),
         *engine.speculative.worker_args(),  # none while speculation is off, likewise
         # In-flight streams get the pod's grace period, less time to exit before SIGKILL.
         "--shutdown-grace", str(TERMINATION_GRACE_S - 5),
