@@ -70,6 +70,10 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = q_size, kv_size
         self.qkv_proj = _linear(config.hidden_size, q_size + 2 * kv_size, qkv_bias, quant)
         self.o_proj = _row_parallel(q_size * group.size, config.hidden_size, o_bias, group, quant)
+        # An fp8 KV cache's float32 [k_scale, v_scale] on the device, set once by the model runner
+        # (kvmesh.worker.attention.kv_quant); None for a 16-bit cache. A plain attribute, not a
+        # buffer: the model's dtype cast must not touch it.
+        self.kv_scale: torch.Tensor | None = None
 
     def forward(self, positions, hidden, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(hidden)
@@ -78,8 +82,8 @@ class Attention(nn.Module):
         v = qkv[:, qk_size:].unflatten(-1, (self.num_kv_heads, self.head_dim))
         q, k = rotary(positions, qk, self.num_heads, meta.rope_rows)
         k_cache, v_cache = kv_cache[0][self.layer_idx], kv_cache[1][self.layer_idx]
-        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
+        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.kv_scale)
+        out = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.kv_scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -200,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
                     for kind in (*module.method.suffixes, "bias"):
                         parts = [source(f"{p}{n}.{kind}") for n in names]
                         if all(t is not None for t in parts):
-                            parts = [t[:] for t in parts]
+                            parts = [t[...] for t in parts]  # [...]: 0-dim scales too
                             sizes = [b - a for a, b in rows]
                             joined = (
                                 module.method.fuse(kind, parts, sizes) if kind != "bias" else torch.cat(parts)
@@ -216,8 +220,14 @@ class LlamaForCausalLM(nn.Module):
                         )
             for short, cols in (("self_attn.o_proj", q_rows), ("mlp.down_proj", inter)):
                 weight = source(f"{p}{short}.weight")
-                if isinstance(layer.get_submodule(short), QuantLinear):
-                    continue  # its tensors load whole, by name, below
+                module = layer.get_submodule(short)
+                if isinstance(module, QuantLinear):  # joined from one part: shaped as fused layers' are
+                    for kind in module.method.suffixes:  # (e.g. a per-tensor scale becomes rows)
+                        part = source(f"{p}{short}.{kind}")
+                        if part is not None:
+                            joined = module.method.fuse(kind, [part[...]], [module.out_features])
+                            put(f"layers.{i}.{short}.{kind}", joined)
+                    continue  # its bias loads by name, below
                 if weight is not None:  # row-parallel: this rank's input columns; the bias whole
                     put(f"layers.{i}.{short}.weight", weight[:, cols[0] : cols[1]])
         for module, name in ((self.embed_tokens, "embed_tokens.weight"), (self.lm_head, "lm_head.weight")):
@@ -282,8 +292,9 @@ def build_model(
         rotary = RotaryEmbedding(config, _head_dim(config), max_positions)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, max_positions, rotary, group, quant).to(dtype)
-        for module in model.modules():  # after the cast: FP8 and integer tensors keep their dtypes
-            if isinstance(module, QuantLinear):
+        for name, module in model.named_modules():  # after the cast: FP8 and integer tensors keep
+            if isinstance(module, QuantLinear):  # their dtypes
+                module.prefix = name
                 module.create_weights(dtype)
     model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty moves meta parameters one by one: tie them again

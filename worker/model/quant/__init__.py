@@ -18,6 +18,7 @@ weights for benchmarks, checkpoints made by the tests) and the forward product.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,14 +57,21 @@ class LinearMethod:
 
     def fuse(self, suffix: str, parts: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
         """Joins the parts of a fused layer (q, k, v or gate, up) read from the checkpoint under
-        ``suffix`` along the output dimension; ``sizes`` are the parts' output features. Default:
-        rows of ``[out, ...]`` tensors."""
+        ``suffix`` along the output dimension; ``sizes`` are the parts' output features. The tensors
+        of ``o_proj`` and ``down_proj`` pass through it too, as one part, so every layer's tensors
+        take one shape (a per-tensor scale can become per-row scales here). Default: rows of
+        ``[out, ...]`` tensors."""
         return torch.cat(parts, dim=0)
 
     def load_dense(self, layer: QuantLinear, weight: torch.Tensor) -> None:
         """Quantizes a dense ``[out, in]`` weight into the layer's tensors (random weights for
         benchmarks, checkpoints the tests make)."""
         raise NotImplementedError(f"{type(self).__name__} cannot quantize a dense weight")
+
+    def checkpoint_tensors(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The tensors ``load_weights`` reads, given the checkpoint directory's ``state`` (gguf.py
+        reads the linear layers' blocks from the .gguf file instead). Default: ``state``."""
+        return state
 
     def process_after_loading(self, layer: QuantLinear) -> None:
         """Called once every tensor is loaded: repacks them for the kernels."""
@@ -85,6 +93,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.method = method
+        self.prefix = ""  # the layer's name in the model (build_model sets it before create_weights)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def create_weights(self, dtype: torch.dtype) -> None:
