@@ -11,20 +11,25 @@ Every source ends in the same runtime form, so there is one product:
   ``weight_scale`` ``[out, 1]`` or one number, ``input_scale`` when static. A per-tensor weight
   scale becomes per-channel rows (``fuse``), so fused q/k/v parts keep their own scales exactly;
   the static input scales of fused parts (one input) join as their maximum;
-- HF's ``fp8`` (``weight_block_size`` [128, 128]: ``weight_scale_inv`` per 128x128 block) is
-  dequantized and requantized per channel at load, once: one kernel path serves every checkpoint,
-  at the cost of a second rounding (its error is bounded in tests/unit/test_quant_fp8.py); without
-  ``weight_block_size`` it is AutoFP8's per-tensor form, read like compressed-tensors ``tensor``.
+- HF's ``fp8`` (``weight_block_size`` e.g. [128, 128]: ``weight_scale_inv`` per block) is
+  dequantized and requantized per channel at load, once. Serving the blocks directly would need a
+  second product (torch's block-scaled ``_scaled_mm`` is Hopper-only and wants activations scaled
+  per 1x128 group, a second quantizer); requantizing keeps one path for every checkpoint at the
+  cost of a second rounding, at most half an FP8 step of the row's scale per weight (asserted in
+  tests/unit/test_quant_fp8.py). Without ``weight_block_size`` it is AutoFP8's per-tensor form,
+  read like compressed-tensors ``tensor``.
 
-``apply``: on CUDA with compute capability >= 8.9 and 16-bit activations, ``torch._scaled_mm``
-with row-wise scales (per-token ``[T, 1]`` times per-channel ``[1, out]``, bias fused, output in
-``x``'s dtype). torch 2.11 requires ``in`` and ``out`` to be multiples of 16 there (the weight is
-``[out, in]`` row-major, i.e. the column-major ``[in, out]`` operand it asks for) and sets no rule
-on the token count, so nothing is padded. Elsewhere (the CPU, older GPUs, float32 activations,
-odd shapes) the same arithmetic is emulated exactly: ``x`` is quantized per token as above,
-dequantized, and multiplied in float32 by the dequantized weight, kept as a float32 copy (the
-emulation is for correctness, not memory). torch 2.11's CPU ``_scaled_mm`` takes per-tensor scales
-only and its sums differ from float32's in the last bits, so it is not used.
+``apply``: on CUDA with compute capability >= 8.9 and 16-bit activations, the input is quantized by
+one Triton kernel (kvmesh.worker.kernels.fp8_quant: the same bits as ``quantize_rows``), then
+multiplied by ``torch._scaled_mm`` with row-wise scales (per-token ``[T, 1]`` times per-channel
+``[1, out]``), the bias fused and the output in ``x``'s dtype. torch 2.11 asks for ``in`` and
+``out`` to be multiples of 16 (the weight, ``[out, in]`` row-major, is the column-major ``[in, out]``
+operand it wants) and sets no rule on the token count, so nothing is padded. Elsewhere (the CPU,
+older GPUs, float32 activations, other shapes) the same arithmetic is emulated exactly: ``x``
+quantized per token by ``quantize_rows``, dequantized, and multiplied in float32 by the dequantized
+weight, kept as a float32 copy (the emulation is for correctness, not memory). torch 2.11's CPU
+``_scaled_mm`` takes per-tensor scales only and its sums differ from float32's in the last bits,
+so it is not used.
 """
 
 from __future__ import annotations
@@ -248,7 +253,9 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if layer.fp8_mm and x.dtype in (torch.bfloat16, torch.float16):
-            q, scale = self.quantize_input(layer, x.contiguous())
+            from kvmesh.worker.kernels.fp8_quant import quantize_rows as quantize_rows_kernel
+
+            q, scale = quantize_rows_kernel(x, getattr(layer, "input_scale", None))  # one launch
             return torch._scaled_mm(
                 q,
                 layer.weight.t(),
