@@ -92,6 +92,7 @@ class ModelRunner:
             log.info(
                 "Quantization: %s%s", self.quant.method, "" if self.quant.from_checkpoint else " (at load)"
             )
+        self.linear_method = quant.method_for(self.quant)
         self.model = build_model(
             hf_config,
             self.backend,
@@ -99,12 +100,14 @@ class ModelRunner:
             self.device,
             self.dtype,
             self.group,
-            quant.method_for(self.quant),
+            self.linear_method,
         )
         if config.load_format == "dummy":
             self.model.init_random(config.seed)
         else:
-            self.model.load_weights(loader.load_state_dict(model_dir))
+            state = loader.load_state_dict(model_dir)
+            method = self.linear_method
+            self.model.load_weights(method.checkpoint_tensors(state) if method is not None else state)
         self.model.eval()
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
