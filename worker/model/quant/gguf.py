@@ -81,15 +81,17 @@ def dequantize(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     block, nbytes = BLOCKS[qtype]
     rows = blocks.shape[0]
     b = blocks.reshape(-1, nbytes)
-    if qtype in (Q4_0, Q4_1):
-        start = 2 if qtype == Q4_0 else 4
-        qs = b[:, start:]
-        q = torch.cat([qs & 15, qs >> 4], dim=1)
-        d = _halves(b[:, :2])
+    if qtype in (Q4_0, Q4_1):  # in place, one float32 buffer (the CPU's product runs this per step)
+        scales = _halves(b[:, : 2 if qtype == Q4_0 else 4])  # d (, m)
+        qs = b[:, scales.shape[1] * 2 :]
+        w = torch.empty(b.shape[0], 2, block // 2, device=b.device)
+        w[:, 0].copy_(qs & 15)
+        w[:, 1].copy_(qs >> 4)
+        w = w.view(-1, block)
         if qtype == Q4_0:
-            w = d * (q.to(torch.int8) - 8).float()
+            w.sub_(8).mul_(scales)
         else:
-            w = d * q.float() + _halves(b[:, 2:4])
+            w.mul_(scales[:, :1]).add_(scales[:, 1:])
     elif qtype == Q8_0:
         w = b[:, 2:].contiguous().view(torch.int8).float() * _halves(b[:, :2])
     elif qtype == Q4_K:
