@@ -41,26 +41,25 @@ def _half(ptr, off, mask):
 
 
 @triton.jit
-def _dequantize(w_ptr, row_off, k, mask, QTYPE: tl.constexpr):
-    """float32 weights at byte offsets of rows ``row_off`` and columns ``k`` (broadcast together);
-    the arithmetic is gguf.quants' own, in its order."""
-    # QTYPE: the GGML type id (quant/gguf.py's BLOCKS).
+def _dequantize(w_ptr, row_off, blk, j, mask, QTYPE: tl.constexpr):
+    """float32 weights of rows at byte offsets ``row_off``, blocks ``blk``, elements ``j`` within
+    their block (broadcast together; the scales are loaded at the shape of ``row_off + blk``, so a
+    tile shaped ``[rows, blocks, block_size]`` loads each block's scale once). ``mask`` must
+    broadcast to that shape too. The arithmetic is gguf.quants' own, in its order. ``QTYPE``: the
+    GGML type id (quant/gguf.py's BLOCKS)."""
     if QTYPE == 2:  # Q4_0: f16 d, 16 bytes of nibbles (elements 0-15 low, 16-31 high)
-        base = row_off + (k // 32) * 18
-        j = k % 32
+        base = row_off + blk * 18
         q = (_byte(w_ptr, base + 2 + j % 16, mask) >> ((j // 16) * 4)) & 15
         w = _half(w_ptr, base, mask) * (q - 8).to(tl.float32)
     elif QTYPE == 3:  # Q4_1: f16 d, f16 m, nibbles as Q4_0
-        base = row_off + (k // 32) * 20
-        j = k % 32
+        base = row_off + blk * 20
         q = (_byte(w_ptr, base + 4 + j % 16, mask) >> ((j // 16) * 4)) & 15
         w = _half(w_ptr, base, mask) * q.to(tl.float32) + _half(w_ptr, base + 2, mask)
     elif QTYPE == 8:  # Q8_0: f16 d, 32 int8
-        base = row_off + (k // 32) * 34
-        w = _sbyte(w_ptr, base + 2 + k % 32, mask).to(tl.float32) * _half(w_ptr, base, mask)
+        base = row_off + blk * 34
+        w = _sbyte(w_ptr, base + 2 + j, mask).to(tl.float32) * _half(w_ptr, base, mask)
     elif QTYPE == 12:  # Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
-        base = row_off + (k // 256) * 144
-        j = k % 256
+        base = row_off + blk * 144
         sub = j // 32  # 8 sub-blocks of 32; 4 groups of 32 bytes, low nibbles then high
         q = (_byte(w_ptr, base + 16 + (j // 64) * 32 + j % 32, mask) >> ((sub % 2) * 4)) & 15
         t = sub % 4
@@ -75,8 +74,7 @@ def _dequantize(w_ptr, row_off, k, mask, QTYPE: tl.constexpr):
         w = d * q.to(tl.float32) - dm
     else:  # Q6_K: 128 bytes low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, f16 d
         tl.static_assert(QTYPE == 14)
-        base = row_off + (k // 256) * 210
-        j = k % 256
+        base = row_off + blk * 210
         half = j // 128
         r = j % 128
         low = (_byte(w_ptr, base + half * 64 + r % 64, mask) >> ((r // 64) * 4)) & 15
@@ -90,38 +88,42 @@ def _dequantize(w_ptr, row_off, k, mask, QTYPE: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QTYPE: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):  # fmt: skip
+    """A program per ``BLOCK_N`` rows; each step dequantizes ``[BLOCK_N, BLOCKS_K, GROUP]``
+    (whole blocks of ``GROUP`` elements) and multiplies it by each token's columns."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    row_off = rows.to(tl.int64) * stride_wn
+    row_off = rows.to(tl.int64)[:, None, None] * stride_wn
     tokens = tl.arange(0, BLOCK_M)
-    token_ok = tokens < M
+    j = tl.arange(0, GROUP)
+    num_blocks = K // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        w = _dequantize(w_ptr, row_off[:, None], cols[None, :], row_ok[:, None] & col_ok[None, :], QTYPE)
-        x = tl.load(
-            x_ptr + tokens[:, None] * stride_xm + cols[None, :],
-            mask=token_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    for b0 in range(0, num_blocks, BLOCKS_K):
+        blk = b0 + tl.arange(0, BLOCKS_K)
+        blk_ok = blk < num_blocks
+        mask = row_ok[:, None, None] & blk_ok[None, :, None]
+        w = _dequantize(w_ptr, row_off, blk[None, :, None], j[None, None, :], mask, QTYPE)
+        cols = blk[:, None] * GROUP + j[None, :]
+        for m in tl.static_range(BLOCK_M):
+            x = tl.load(x_ptr + m * stride_xm + cols, mask=blk_ok[:, None] & (m < M), other=0.0)
+            part = tl.sum(tl.sum(w * x.to(tl.float32)[None, :, :], axis=2), axis=1)
+            acc += tl.where(tokens[:, None] == m, part[None, :], 0.0)
     out = out_ptr + tokens[:, None] * stride_om + rows[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & row_ok[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tokens < M)[:, None] & row_ok[None, :])
 
 
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    QTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    QTYPE: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     token_ok, row_ok = tokens < M, rows < N
-    row_off = rows.to(tl.int64) * stride_wn
+    row_off = rows.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -132,7 +134,8 @@ def _gemm_kernel(
             other=0.0,
         )
         # The weight tile as [BLOCK_K, BLOCK_N] (columns down): tl.dot's right operand as is.
-        w = _dequantize(w_ptr, row_off[None, :], cols[:, None], col_ok[:, None] & row_ok[None, :], QTYPE)
+        mask = col_ok[:, None] & row_ok[None, :]
+        w = _dequantize(w_ptr, row_off, (cols // GROUP)[:, None], (cols % GROUP)[:, None], mask, QTYPE)
         acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     out = out_ptr + tokens[:, None].to(tl.int64) * stride_om + rows[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & row_ok[None, :])
@@ -159,7 +162,8 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int) -> torch.Ten
         block_n = 16
         _gemv_kernel[(triton.cdiv(N, block_n),)](
             x, qweight, out, M, N, K, x.stride(0), qweight.stride(0), out.stride(0),
-            QTYPE=qtype, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=128,
+            QTYPE=qtype, GROUP=block, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n,
+            BLOCKS_K=max(2, 128 // block),  # 128 columns a step (two K blocks: 512)
         )  # fmt: skip
         return out
     block_m = min(64, max(16, triton.next_power_of_2(M)))
@@ -167,7 +171,7 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int) -> torch.Ten
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _gemm_kernel[grid](
         x, qweight, out, M, N, K, x.stride(0), qweight.stride(0), out.stride(0),
-        QTYPE=qtype, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        QTYPE=qtype, GROUP=block, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out
