@@ -56,16 +56,18 @@ T = gguf.GGMLQuantizationType
 TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K]
 
 
-def make_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """``uint8 [rows, bytes]``: a random weight quantized by gguf-py, or for the K types (which
-    gguf-py cannot quantize) random bytes whose float16 scales are finite and small."""
+SCALES = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}  # f16 byte offsets
+
+
+def make_blocks(qtype, rows: int, cols: int, seed: int = 0, quantize: bool = True) -> np.ndarray:
+    """``uint8 [rows, bytes]``: a random weight quantized by gguf-py, or (``quantize=False``, and
+    for the K types, which gguf-py cannot quantize) random bytes whose float16 scales are finite."""
     rng = np.random.default_rng(seed)
-    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+    if quantize and qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
         return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.05, qtype)
     block, nbytes = BLOCKS[int(qtype)]
     raw = rng.integers(0, 256, (rows * cols // block, nbytes), dtype=np.uint8)
-    scales = [0, 2] if qtype == T.Q4_K else [208]  # Q4_K: d, dmin; Q6_K: d
-    for at in scales:
+    for at in SCALES[qtype]:
         raw[:, at : at + 2] = (rng.random((raw.shape[0], 1)) * 1e-3).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
@@ -112,36 +114,39 @@ def test_kernel_cases_in_interpreter_subprocess() -> None:
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
-def _check_kernel(qtype, tokens: int, rows: int, cols: int, dtype, device, atol: float) -> None:
-    blocks = torch.from_numpy(make_blocks(qtype, rows, cols, seed=tokens)).to(device)
+def _check_kernel(blocks: torch.Tensor, qtype, tokens: int, dtype, atol: float) -> None:
+    rows, cols = blocks.shape[0], blocks.shape[1] // BLOCKS[int(qtype)][1] * BLOCKS[int(qtype)][0]
     gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, cols, generator=gen).to(dtype).to(device)
-    reference = x.float() @ dequantize(blocks.cpu(), int(qtype)).to(dtype).float().T.to(device)
+    x = torch.randn(tokens, cols, generator=gen).to(dtype).to(blocks.device)
+    reference = x.float() @ dequantize(blocks, int(qtype)).to(dtype).float().T  # on blocks' device
     got = gguf_matmul(x, blocks, int(qtype))
     assert got.dtype == dtype and got.shape == (tokens, rows)
     scale = reference.abs().max().clamp_min(1e-6)
     err = float((got.float() - reference).abs().max() / scale)
-    assert err < atol, f"{qtype.name} M={tokens}: relative error {err}"
+    assert err < atol, f"{qtype.name} M={tokens} {rows}x{cols} {dtype}: relative error {err}"
 
 
 @kernel_case
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("tokens", [1, 3, DECODE_MAX_TOKENS + 1, 37])  # decode path, then prefill
 def test_kernel_matches_dequantize_then_matmul(qtype, tokens) -> None:
-    cols = 256 if qtype in (T.Q4_K, T.Q6_K) else 96  # 96: columns past the last full tile masked
+    cols = 256 if qtype in (T.Q4_K, T.Q6_K) else 96  # columns past the last full tile are masked
     if not CUDA:
-        _check_kernel(qtype, tokens, 40, cols, torch.float32, torch.device("cpu"), 1e-5)
+        blocks = torch.from_numpy(make_blocks(qtype, 40, cols, seed=tokens))
+        _check_kernel(blocks, qtype, tokens, torch.float32, 1e-5)
         return
+    blocks = torch.from_numpy(make_blocks(qtype, 40, cols * 2, seed=tokens)).cuda()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        _check_kernel(qtype, tokens, 40, cols * 2, dtype, torch.device("cuda"), 2e-2)
+        _check_kernel(blocks, qtype, tokens, dtype, 2e-2)
 
 
 @cuda_only
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
-@pytest.mark.parametrize("tokens", [1, 4, 512])
-def test_kernel_compiled_at_llama3_8b_shapes(qtype, tokens) -> None:
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_kernel_compiled_at_llama3_8b_shapes(qtype) -> None:
     for rows, cols in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
-        _check_kernel(qtype, tokens, rows, cols, torch.bfloat16, torch.device("cuda"), 2e-2)
+        blocks = torch.from_numpy(make_blocks(qtype, rows, cols, quantize=False)).cuda()
+        for tokens in (1, 4, 512):
+            _check_kernel(blocks, qtype, tokens, torch.bfloat16, 2e-2)
 
 
 # ----- a GGUF file written here, against transformers' dequantization -----------------------
