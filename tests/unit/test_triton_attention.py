@@ -401,7 +401,7 @@ def test_real_mixed_batch() -> None:
 
 
 def test_graph_buckets_decode_and_small_prefill() -> None:
-    from kvmesh.worker.engine.cuda_graphs import PREFILL_SEQS, CudaGraphRunner, capture_sizes
+    from kvmesh.worker.engine.cuda_graphs import CudaGraphRunner, capture_sizes
 
     assert capture_sizes(256)[:5] == [1, 2, 4, 8, 16] and capture_sizes(256)[-1] == 256
     assert capture_sizes(100)[-1] == 100
@@ -415,8 +415,10 @@ def test_graph_buckets_decode_and_small_prefill() -> None:
     assert key([1] * 65) is None  # above max_num_seqs: eager
     assert key([208]) == ("prefill", 224)  # a cached prompt's tail
     assert key([40] + [1] * 7) == ("prefill", 64)  # a chunk mixed with decodes
-    assert key([1] * (PREFILL_SEQS + 1) + [5]) is None
-    assert key([600]) is None  # large prefill: eager, GPU-bound anyway
+    assert key([1] * 63 + [600]) == ("prefill", 704)  # a chunk beside every decode
+    assert key([3] * 64) == ("prefill", 192)  # speculative verification of 64 sequences
+    assert key([1] * 64 + [5]) is None  # more sequences than max_num_seqs
+    assert key([1100]) is None  # large prefill: eager, GPU-bound anyway
     assert key([1], seq_len=2048) is None  # beyond the captured context
     assert key([1], width=65) is None  # a block table wider than the captured one
 

@@ -8,9 +8,11 @@ its inputs into static buffers and replays the smallest graph that fits:
 - decode graphs, one per batch size in ``capture_sizes`` (one token per
   sequence): every decode step up to ``max_num_seqs``;
 - prefill graphs, one per token count in ``PREFILL_TOKENS``, for steps of up
-  to ``PREFILL_SEQS`` sequences (a cached prompt's short tail, small chunks
-  mixed with a few decodes). Their attention grid covers the bucket; padded
-  sequences have no query tokens, so the kernels skip them.
+  to ``max_num_seqs`` sequences: a cached prompt's short tail, a prefill
+  chunk beside every running decode (the steps that set inter-token latency
+  under load), speculative verification (several tokens per sequence). Their
+  attention grid covers the bucket and every sequence slot; padded sequences
+  have no query tokens, so the kernels skip them at once.
 
 Padded tokens write no KV (slot -1); padded sequences attend to nothing
 (seq_len 0); their outputs are dropped. The decode split count is fixed at
@@ -39,8 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = tuple(range(32, 513, 32))  # fine steps: a padded row costs a full GEMM row
-PREFILL_SEQS = 8
+# Fine steps (a padded row costs a full GEMM row) up to 512, coarser up to 1024: the default
+# decode_token_budget, so a step of decodes and a prefill chunk always has a graph.
+PREFILL_TOKENS = tuple(range(32, 513, 32)) + tuple(range(576, 1025, 64))
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -72,11 +75,11 @@ class CudaGraphRunner:
         self.prefill_tokens = PREFILL_TOKENS
         self.max_seq_len = max_seq_len
         max_tokens = max(self.max_batch, self.prefill_tokens[-1])
-        max_seqs = max(self.max_batch, PREFILL_SEQS)
+        self.max_seqs = max_seqs = self.max_batch
         self.max_blocks = -(-max_seq_len // block_size)
         # int64: input ids, positions, slots, logits rows; int32: seq lens, prefill qsl, block tables.
-        sizes64 = (max_tokens, max_tokens, max_tokens, max_seqs)
-        sizes32 = (max_seqs, PREFILL_SEQS + 1, max_seqs * self.max_blocks)
+        sizes64 = (max_tokens, max_tokens, max_tokens, max_tokens)  # verification samples many rows
+        sizes32 = (max_seqs, max_seqs + 1, max_seqs * self.max_blocks)
         self.host64 = torch.zeros(sum(sizes64), dtype=torch.int64, pin_memory=device.type == "cuda")
         self.host32 = torch.zeros(sum(sizes32), dtype=torch.int32, pin_memory=device.type == "cuda")
         self.dev64 = torch.zeros(sum(sizes64), dtype=torch.int64, device=device)
@@ -112,8 +115,8 @@ class CudaGraphRunner:
             )
         return AttentionMetadata(
             query_start_loc=self.prefill_qsl,
-            seq_lens=self.seq_lens[:PREFILL_SEQS],
-            block_tables=self.block_tables[:PREFILL_SEQS],
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
             slot_mapping=self.slot_mapping[:n],
             max_query_len=n,
             max_seq_len=self.max_seq_len,
@@ -156,7 +159,7 @@ class CudaGraphRunner:
             return None
         if max_query_len == 1 and num_tokens <= self.max_batch:
             return "decode", next(s for s in self.sizes if s >= num_tokens)
-        if num_tokens <= self.prefill_tokens[-1] and num_seqs <= PREFILL_SEQS:
+        if num_tokens <= self.prefill_tokens[-1] and num_seqs <= self.max_seqs:
             return "prefill", next(t for t in self.prefill_tokens if t >= num_tokens)
         return None
 
@@ -184,7 +187,7 @@ class CudaGraphRunner:
         self.h_slots[n:padded] = -1  # padding from an earlier, larger step must neither write nor read
         self.h_rows[:rows] = step.logits_rows
         self.h_seq_lens[:seqs] = step.seq_lens
-        self.h_seq_lens[seqs : padded if kind == "decode" else PREFILL_SEQS] = 0
+        self.h_seq_lens[seqs : padded if kind == "decode" else self.max_seqs] = 0
         if kind == "prefill":
             self.h_qsl[: seqs + 1] = step.query_start_loc
             self.h_qsl[seqs + 1 :] = n

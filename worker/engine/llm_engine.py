@@ -218,7 +218,7 @@ class LLMEngine:
             self.stats.generation_tokens += len(kept)
             lps = None if logprobs is None or logprobs[row] is None else logprobs[row][: len(kept)]
             deltas.append((seq, kept, lps))
-        if spec is not None:
+        if spec is not None and spec.active:
             # KV blocks taken for rejected proposals go back, the last taken first.
             for seq in reversed(out.seqs):
                 self.block_manager.rollback(seq)

@@ -63,11 +63,13 @@ class SpeculativeDecoder:
         )
         self.stats = SpecStats()
         self._drafts: dict[int, tuple[list[int], torch.Tensor | None]] = {}  # id(seq) -> this step's
+        self.active = False  # this step took KV slots for proposals (the engine then rolls back)
 
     # -- planning ----------------------------------------------------------
     def prepare(self, out: SchedulerOutput, num_running: int) -> bool:
         """Adds proposals to the planned step's decodes; True when any sequence has some."""
         self._drafts = {}
+        self.active = False
         if out.num_preempted or num_running > self.disable_batch_size:
             return False
         budget = self.max_num_batched_tokens - out.total_tokens
@@ -92,6 +94,7 @@ class SpeculativeDecoder:
                 budget -= room
         if not rows:
             return False
+        self.active = True
         seqs = [out.seqs[i] for i in rows]
         if self.draft is not None:
             drafts, probs = self.draft.propose(seqs, limits)
