@@ -1,0 +1,267 @@
+"""GPTQ and AWQ weight-only checkpoints: packing, the fused dequantize-GEMM kernel, loading through
+the engine, and quality on SmolLM2.
+
+The formats are pinned by reference dequantizers written here from the tools' own conventions
+(AutoGPTQ's ``qweight``/``qzeros`` shifts with v1's ``zero - 1``, AutoAWQ's interleaved nibbles),
+independent of kvmesh's repacking. Without CUDA the kernel runs under Triton's interpreter at
+small shapes (float32 and float16; the interpreter's bfloat16 is not faithful); with CUDA the
+``cuda_only`` cases run it compiled at Llama-3-8B's shapes in bfloat16 and float16.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+if not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
+if INTERPRETED:
+    import triton.runtime.interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_numpy2(tensor, scope) -> None:
+        # As in test_triton_attention: NumPy >= 2.4 refuses int() of a one-element 1-d array.
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy2
+DELEGATE = not CUDA and not INTERPRETED  # triton was imported compiled: kernel cases run in a child
+kernel_case = pytest.mark.skipif(DELEGATE, reason="run by test_kernel_cases_in_interpreter_subprocess")
+cuda_only = pytest.mark.skipif(not CUDA, reason="the compiled kernel at real shapes needs CUDA")
+
+from kvmesh.worker.kernels.quant_int import LaunchConfig, int_matmul  # noqa: E402
+from kvmesh.worker.model.quant import QuantLinear, QuantSpec, method_for  # noqa: E402
+from kvmesh.worker.model.quant.awq import quantize_awq  # noqa: E402
+from kvmesh.worker.model.quant.gptq import quantize_gptq  # noqa: E402
+from kvmesh.worker.model.quant.intweight import (  # noqa: E402
+    AWQ_ORDER,
+    pack_cols,
+    pack_rows,
+    unpack_cols,
+    unpack_rows,
+)
+
+# ---- reference dequantizers: the tools' formats, written out -------------------------------------
+
+
+def _nibbles(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[..., W]`` int32 -> ``[..., W, 32 / bits]``: value j of each word sits at bits ``j * bits``."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    return (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+
+
+def gptq_reference(t: dict[str, torch.Tensor], bits: int, v1: bool = True) -> torch.Tensor:
+    """AutoGPTQ's dequantization: ``scales[g_idx] * (w - (qzeros + 1)[g_idx])`` -> float32 [out, in]."""
+    w = _nibbles(t["qweight"].t(), bits).reshape(t["qweight"].shape[1], -1).t()  # [in, out]
+    zeros = _nibbles(t["qzeros"], bits).reshape(t["qzeros"].shape[0], -1) + (1 if v1 else 0)
+    g = t["g_idx"].long()
+    return ((w - zeros[g]).float() * t["scales"].float()[g]).t()
+
+
+def awq_reference(t: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """AutoAWQ GEMM's dequantization: nibble i of a word is column AWQ_ORDER[i] of its eight."""
+    reverse = [AWQ_ORDER.index(c) for c in range(8)]
+    w = _nibbles(t["qweight"], 4)[..., reverse].reshape(t["qweight"].shape[0], -1)  # [in, out]
+    zeros = _nibbles(t["qzeros"], 4)[..., reverse].reshape(t["qzeros"].shape[0], -1)
+    g = torch.arange(w.shape[0]) // group_size
+    return ((w - zeros[g]).float() * t["scales"].float()[g]).t()
+
+
+def _layer(method: str, params: dict, in_f: int, out_f: int, tensors: dict, bias=None) -> QuantLinear:
+    """A QuantLinear holding ``tensors`` (checkpoint names), repacked for the kernel."""
+    m = method_for(QuantSpec(method, params))
+    layer = QuantLinear(in_f, out_f, bias is not None, m)
+    layer.create_weights(torch.float32)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            getattr(layer, name).copy_(value)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    m.process_after_loading(layer)
+    return layer
+
+
+# (method, params, reference) of the layers the kernel and repacking are checked on.
+CASES = {
+    "gptq4-g32": ("gptq", dict(bits=4, group_size=32, sym=True, desc_act=False)),
+    "gptq4-g32-act-order": ("gptq", dict(bits=4, group_size=32, sym=True, desc_act=True)),
+    "gptq4-g128-asym": ("gptq", dict(bits=4, group_size=128, sym=False, desc_act=False)),
+    "gptq4-channel": ("gptq", dict(bits=4, group_size=-1, sym=True, desc_act=False)),
+    "gptq8-g64-act-order": ("gptq", dict(bits=8, group_size=64, sym=False, desc_act=True)),
+    "gptq8-channel": ("gptq", dict(bits=8, group_size=-1, sym=True, desc_act=False)),
+    "awq4-g32": ("awq", dict(bits=4, group_size=32, zero_point=True, version="gemm")),
+    "awq4-g128": ("awq", dict(bits=4, group_size=128, zero_point=True, version="gemm")),
+}
+
+
+def _checkpoint_tensors(method: str, params: dict, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    if method == "gptq":
+        p = params
+        return quantize_gptq(weight, p["bits"], p["group_size"], sym=p["sym"], desc_act=p["desc_act"])
+    return quantize_awq(weight, params["group_size"])
+
+
+def _reference(method: str, params: dict, tensors: dict) -> torch.Tensor:
+    if method == "gptq":
+        return gptq_reference(tensors, params["bits"])
+    return awq_reference(tensors, params["group_size"])
+
+
+# ---- packing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_round_trips(bits) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 1 << bits, (64, 48), generator=gen, dtype=torch.int32)
+    assert torch.equal(unpack_rows(pack_rows(q, bits), bits), q)
+    assert torch.equal(unpack_cols(pack_cols(q, bits), bits), q)
+    if bits == 4:
+        assert torch.equal(unpack_cols(pack_cols(q, 4, AWQ_ORDER), 4, AWQ_ORDER), q)
+
+
+def test_word_layouts_match_the_tools() -> None:
+    """Values 0..7 in one word: GPTQ's nibble j holds item j; AWQ's holds column AWQ_ORDER[j]."""
+    items = torch.arange(8, dtype=torch.int32)
+    assert int(pack_rows(items[:, None], 4)[0, 0]) == 0x76543210
+    assert int(pack_cols(items[None, :], 4)[0, 0]) == 0x76543210
+    assert int(pack_cols(items[None, :], 4, AWQ_ORDER)[0, 0]) == 0x75316420
+    eight_bit = torch.tensor([[1], [2], [3], [255]], dtype=torch.int32)
+    assert int(pack_rows(eight_bit, 8)[0, 0]) == 0xFF030201 - (1 << 32)  # int32's bits
+
+
+def test_gptq_v1_stores_zero_minus_one() -> None:
+    """Symmetric 4-bit GPTQ has zero 8, stored as 7 in every nibble (0x77777777), as AutoGPTQ does."""
+    t = quantize_gptq(torch.randn(32, 64), 4, 32, sym=True)
+    assert t["qzeros"].dtype == torch.int32 and t["qzeros"].shape == (2, 4)
+    assert (t["qzeros"] == 0x77777777).all()
+    assert t["qweight"].shape == (8, 32) and t["scales"].dtype == torch.float16
+    assert torch.equal(t["g_idx"], torch.arange(64, dtype=torch.int32) // 32)
+
+
+def test_act_order_g_idx_is_a_permutation_of_full_groups() -> None:
+    weight = torch.randn(16, 128)
+    t = quantize_gptq(weight, 4, 32, desc_act=True)
+    assert sorted(t["g_idx"].tolist()) == [i // 32 for i in range(128)]
+    assert not torch.equal(t["g_idx"], torch.arange(128, dtype=torch.int32) // 32)
+    norms = weight.norm(dim=0)  # the most important features form group 0
+    assert set(torch.argsort(norms, descending=True)[:32].tolist()) == set(
+        (t["g_idx"] == 0).nonzero()[:, 0].tolist()
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_repacked_layer_dequantizes_to_the_tools_reference(case) -> None:
+    method, params = CASES[case]
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(3))
+    tensors = _checkpoint_tensors(method, params, weight)
+    layer = _layer(method, params, 256, 96, tensors)
+    ref = _reference(method, params, tensors)
+    assert torch.equal(layer.method.dequantize(layer), ref)
+    # Round to nearest: within half a step of the dense weight (the top of GPTQ's range may lose one
+    # step where a zero was raised to 1, never in these random groups).
+    step = (ref - weight).abs().max()
+    assert step < 0.6 * (weight.abs().max() * 2 / ((1 << params["bits"]) - 1))
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), x @ ref.t(), rtol=1e-5, atol=1e-4)  # another summation order
+
+
+# ---- the kernel ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not DELEGATE, reason="the kernel cases run in this process")
+def test_kernel_cases_in_interpreter_subprocess() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", str(Path(__file__))],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def _kernel_check(layer: QuantLinear, x: torch.Tensor, config: LaunchConfig | None, bias=None) -> None:
+    m = layer.method
+    out = int_matmul(
+        x,
+        layer.w_packed,
+        layer.w_scales,
+        layer.w_zeros,
+        bits=m.bits,
+        group_size=layer.group_size,
+        perm=layer.w_perm,
+        group_idx=layer.w_groups,
+        bias=bias,
+        config=config,
+    )
+    dense = m.dequantize(layer).to(x.dtype)  # the CPU path: dequantize, round to x's dtype, multiply
+    ref = x.float() @ dense.float().t() + (0 if bias is None else bias.float())
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    tol = 1e-4 if x.dtype == torch.float32 else 2e-3 * float(ref.abs().max())
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
+
+
+CONFIGS = {
+    "auto": None,  # decode below 17 tokens, prefill above
+    "split-k": LaunchConfig(16, 32, 64, split_k=3),  # atomics across K splits, gathered scales for g32
+    "prefill-tiles": LaunchConfig(32, 64, 32, split_k=1),
+}
+
+
+@kernel_case
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("tokens", [1, 5, 37])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_kernel_matches_dequantize_then_matmul(case, tokens, config) -> None:
+    method, params = CASES[case]
+    gen = torch.Generator().manual_seed(tokens)
+    weight = torch.randn(96, 256, generator=gen)
+    layer = _layer(method, params, 256, 96, _checkpoint_tensors(method, params, weight))
+    x = torch.randn(tokens, 256, generator=gen)
+    bias = torch.randn(96, generator=gen) if config == "split-k" else None
+    _kernel_check(layer, x.to(DEVICE), CONFIGS[config], bias)
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.float16] if not CUDA else [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [2, 40])
+def test_kernel_half_precision_activations(dtype, tokens) -> None:
+    method, params = CASES["gptq4-g32-act-order"]
+    gen = torch.Generator().manual_seed(5)
+    layer = _layer(
+        method, params, 256, 96, _checkpoint_tensors(method, params, torch.randn(96, 256, generator=gen))
+    )
+    _kernel_check(layer, torch.randn(tokens, 256, generator=gen).to(dtype), None)
+
+
+@kernel_case
+def test_kernel_reads_unequal_groups() -> None:
+    """A g_idx whose groups are not equal runs (possible in the format, not from the tools): the
+    kernel reads each sorted row's group."""
+    params = dict(bits=4, group_size=32, sym=False, desc_act=True)
+    gen = torch.Generator().manual_seed(9)
+    t = quantize_gptq(torch.randn(64, 128, generator=gen), 4, 32, sym=False)
+    t["g_idx"] = torch.randint(0, 4, (128,), generator=gen, dtype=torch.int32)
+    layer = _layer("gptq", params, 128, 64, t)
+    assert layer.w_groups is not None and layer.w_perm is not None
+    assert torch.equal(layer.method.dequantize(layer), gptq_reference(t, 4))
+    for tokens in (1, 20):
+        _kernel_check(layer, torch.randn(tokens, 128, generator=gen), None)
