@@ -10,6 +10,7 @@ small shapes (float32 and float16; the interpreter's bfloat16 is not faithful); 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,7 @@ from kvmesh.worker.model.quant.intweight import (  # noqa: E402
     unpack_cols,
     unpack_rows,
 )
+from kvmesh.worker.model.quant.make_checkpoint import main as make_checkpoint_main  # noqa: E402
 
 # ---- reference dequantizers: the tools' formats, written out -------------------------------------
 
@@ -265,3 +267,165 @@ def test_kernel_reads_unequal_groups() -> None:
     assert torch.equal(layer.method.dequantize(layer), gptq_reference(t, 4))
     for tokens in (1, 20):
         _kernel_check(layer, torch.randn(tokens, 128, generator=gen), None)
+
+
+# ---- checkpoints through the engine --------------------------------------------------------------
+
+PROMPTS = ["Hello there, how are you today?", "Numbers: 3 1 4 1 5 9 2 6", "A"]
+TINY_CHECKPOINTS = {  # name -> (method, bits, group size, desc_act)
+    "gptq4-g32-act-order": ("gptq", 4, 32, True),
+    "gptq8-channel": ("gptq", 8, -1, False),
+    "awq4-g32": ("awq", 4, 32, False),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory, smollm_dir) -> Path:
+    """A random Llama (GQA, untied head) saved in float32 with SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    torch.manual_seed(11)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    path = tmp_path_factory.mktemp("tiny-dense")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _dequantized_copy(src: Path, dst: Path) -> Path:
+    """The dense model a quantized checkpoint stands for: every layer dequantized by the reference."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    state = load_file(src / "model.safetensors")
+    dense = {}
+    for name in [n for n in state if n.endswith(".qweight")]:
+        prefix = name.removesuffix(".qweight")
+        parts = {
+            k.removeprefix(prefix + "."): state.pop(k) for k in list(state) if k.startswith(prefix + ".")
+        }
+        if qc["quant_method"] == "gptq":
+            dense[prefix + ".weight"] = gptq_reference(parts, qc["bits"])
+        else:
+            dense[prefix + ".weight"] = awq_reference(parts, qc["group_size"])
+    dst.mkdir()
+    for path in src.iterdir():
+        if path.name not in ("config.json", "model.safetensors", "quantize_config.json"):
+            (dst / path.name).write_bytes(path.read_bytes())
+    (dst / "config.json").write_text(json.dumps(config))
+    save_file({**state, **{k: v.contiguous() for k, v in dense.items()}}, dst / "model.safetensors")
+    return dst
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CHECKPOINTS))
+def tiny_quantized(request, tiny_dense, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(method, the checkpoint make_checkpoint wrote, its dequantized dense copy)."""
+    method, bits, group, desc_act = TINY_CHECKPOINTS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    args = ["--method", method, "--bits", str(bits), "--group-size", str(group)]
+    assert (
+        make_checkpoint_main([*args, *(["--desc-act"] if desc_act else []), str(tiny_dense), str(root / "q")])
+        == 0
+    )
+    return method, root / "q", _dequantized_copy(root / "q", root / "dense")
+
+
+def test_checkpoint_files_are_named_and_packed_as_the_tools_write_them(tiny_quantized) -> None:
+    from safetensors import safe_open
+
+    method, qdir, _ = tiny_quantized
+    qc = json.loads((qdir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == method
+    assert (qdir / "tokenizer.json").is_file() and (qdir / "tokenizer_config.json").is_file()
+    with safe_open(qdir / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        prefix = "model.layers.1.mlp.down_proj."  # in 256, out 128
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+        qweight, scales = f.get_tensor(prefix + "qweight"), f.get_tensor(prefix + "scales")
+        groups = 1 if qc["group_size"] == -1 else 256 // qc["group_size"]
+        pack = 32 // qc["bits"]
+        assert qweight.dtype == torch.int32 and scales.dtype == torch.float16
+        assert scales.shape == (groups, 128)
+        if method == "gptq":
+            assert qweight.shape == (256 // pack, 128)
+            assert f.get_tensor(prefix + "qzeros").shape == (groups, 128 // pack)
+            assert f.get_tensor(prefix + "g_idx").dtype == torch.int32
+            assert json.loads((qdir / "quantize_config.json").read_text())["bits"] == qc["bits"]
+        else:
+            assert qweight.shape == (256, 16) and f.get_tensor(prefix + "qzeros").shape == (groups, 16)
+    assert not any(n.endswith("_proj.weight") for n in names)
+    assert "lm_head.weight" in names and "model.layers.0.self_attn.q_proj.qweight" in names
+
+
+def test_checkpoint_serves_the_tokens_of_its_dequantized_dense_model(tiny_quantized) -> None:
+    """float32 on the CPU: the quantized layers multiply by exactly the dequantized weights, so the
+    logits agree to float32 rounding (summation order) and the greedy tokens are identical."""
+    from kvmesh.worker import LLM, SamplingParams
+    from kvmesh.worker.model.quant import quality
+
+    method, qdir, dense_dir = tiny_quantized
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    dense = LLM(str(dense_dir), num_blocks=64)
+    prompts = [dense.tokenizer.encode(p) for p in PROMPTS]
+    expected = [o.token_ids for o in dense.generate(prompts, params)]
+    for choice in ("auto", method):
+        quantized = LLM(str(qdir), num_blocks=64, quantization=choice)
+        assert quantized.engine.runner.quant.method == method
+        assert [o.token_ids for o in quantized.generate(prompts, params)] == expected
+    sequence = prompts[0] + expected[0]
+    torch.testing.assert_close(
+        quality.next_token_logits(quantized, sequence),
+        quality.next_token_logits(dense, sequence),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_wrong_or_unsupported_quantization_is_refused(tiny_quantized, tmp_path) -> None:
+    from kvmesh.worker import LLM
+
+    method, qdir, _ = tiny_quantized
+    other = "awq" if method == "gptq" else "gptq"
+    with pytest.raises(ValueError, match=f"{method}-quantized"):
+        LLM(str(qdir), num_blocks=16, quantization=other)
+    with pytest.raises(ValueError, match="cannot expand"):
+        LLM(str(qdir), num_blocks=16, quantization="none")
+    # The same files with a setting kvmesh does not serve.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in qdir.iterdir():
+        if path.name != "config.json":
+            (bad / path.name).symlink_to(path)
+    config = json.loads((qdir / "config.json").read_text())
+    edit, message = ({"bits": 3}, "3 bits") if method == "gptq" else ({"version": "gemv"}, "gemv")
+    config["quantization_config"].update(edit)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(bad), num_blocks=16)
+
+
+def test_make_checkpoint_refuses_unsupported_settings(tiny_dense, tmp_path, capsys) -> None:
+    cases = [
+        (["--method", "awq", "--bits", "8"], "4-bit"),
+        (["--method", "gptq", "--bits", "3"], "3 bits"),
+        (["--method", "awq", "--desc-act"], "GPTQ settings"),
+        (["--method", "gptq", "--group-size", "0"], "group-size"),
+    ]
+    for args, message in cases:
+        assert make_checkpoint_main([*args, str(tiny_dense), str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
