@@ -193,3 +193,22 @@ def test_the_crd_refuses_speculative_settings_the_worker_cannot_run():
     assert "self.ngramMin <= self.ngramMax" in rules
     assert block["properties"]["method"]["enum"] == ["none", "ngram", "draft"]
     assert block["properties"]["numSpeculativeTokens"]["maximum"] == 16
+
+
+def test_a_sequence_whose_proposals_fail_backs_off_and_probes_again():
+    from kvmesh.worker.engine.speculative.decoder import BACKOFF_STEPS, MIN_ACCEPTANCE, SpeculativeDecoder
+
+    spec = SpeculativeDecoder.__new__(SpeculativeDecoder)  # only the acceptance record is exercised
+    spec.tracks = {}
+    spec._track("a", 1.0)
+    spec._track("a", 0.5)
+    assert spec.tracks["a"].skip == 0  # 0.75 on average: keeps proposing
+    skips = []
+    for _ in range(6):  # every probe fails: the pause doubles up to its cap
+        spec._track("a", 0.0)
+        skips.append(spec.tracks["a"].skip)
+        spec.tracks["a"].skip = 0  # the steps sat out
+    assert skips[0] == 0 and skips[1:] == [*BACKOFF_STEPS, BACKOFF_STEPS[-1]]  # 0.375 first, then below
+    spec._track("a", 0.5)  # a good probe resumes at once and resets the pause
+    assert spec.tracks["a"].skip == 0 and spec.tracks["a"].failures == 0
+    assert spec.tracks["a"].acceptance >= MIN_ACCEPTANCE
