@@ -429,3 +429,60 @@ def test_make_checkpoint_refuses_unsupported_settings(tiny_dense, tmp_path, caps
         assert make_checkpoint_main([*args, str(tiny_dense), str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- the compiled kernel at Llama-3-8B's shapes (CUDA only) ----------------------------------------
+
+LLAMA3_8B = {  # (in, out) of the fused layers
+    "qkv_proj": (4096, 6144),
+    "o_proj": (4096, 4096),
+    "gate_up_proj": (4096, 28672),
+    "down_proj": (14336, 4096),
+}
+CUDA_CASES = ["gptq4-g128-asym", "gptq4-g32-act-order", "gptq8-channel", "awq4-g128"]
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", sorted(LLAMA3_8B))
+@pytest.mark.parametrize("case", CUDA_CASES)
+@pytest.mark.parametrize("tokens", [1, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_compiled_at_llama3_8b_shapes(shape, case, tokens, dtype) -> None:
+    method, params = CASES[case]
+    in_f, out_f = LLAMA3_8B[shape]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    weight = torch.randn(out_f, in_f, generator=gen, device="cuda") * 0.02
+    m = method_for(QuantSpec(method, params))
+    layer = QuantLinear(in_f, out_f, False, m)
+    layer.create_weights(dtype)
+    layer.to_empty(device="cuda")
+    m.load_dense(layer, weight)
+    m.process_after_loading(layer)
+    x = torch.randn(tokens, in_f, generator=gen, device="cuda").to(dtype)
+    out = layer(x)
+    ref = x.float() @ m.dequantize(layer).to(dtype).float().t()
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    # Both round the weight to dtype; the products differ in float32 summation order, then the output
+    # is rounded to dtype (bfloat16: 2**-8 relative).
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(
+        out.float(), ref, rtol=0, atol=(8e-3 if dtype == torch.bfloat16 else 2e-3) * scale
+    )
+
+
+@cuda_only
+def test_engine_serves_a_gptq_checkpoint_on_cuda(tiny_quantized) -> None:
+    """The compiled kernel inside the engine (CUDA graphs included) gives the tokens of the same
+    checkpoint on the CPU reference path for most steps (bfloat16 vs float32: near-ties may flip)."""
+    from kvmesh.worker import LLM, SamplingParams
+
+    method, qdir, dense_dir = tiny_quantized
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    gpu = LLM(str(qdir), dtype="float32")
+    assert gpu.engine.runner.device.type == "cuda" and gpu.engine.runner.quant.method == method
+    dense = LLM(str(dense_dir), dtype="float32")
+    prompts = [dense.tokenizer.encode(p) for p in PROMPTS]
+    got = [o.token_ids for o in gpu.generate(prompts, params)]
+    want = [o.token_ids for o in dense.generate(prompts, params)]
+    same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
+    assert same >= 0.8 * sum(len(w) for w in want)

@@ -65,6 +65,7 @@ def _int_matmul_kernel(
     HAS_GROUPS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
@@ -114,7 +115,7 @@ def _int_matmul_kernel(
             s = tl.load(scales_ptr + at, mask=mask_kn, other=0.0).to(tl.float32)
             z = tl.load(zeros_ptr + at, mask=mask_kn, other=0).to(tl.int32)
             w = (q - z).to(tl.float32) * s
-        acc += tl.dot(a, w.to(a.dtype))
+        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if ATOMIC:
@@ -207,6 +208,7 @@ def int_matmul(
         HAS_GROUPS=group_idx is not None,
         HAS_BIAS=bias is not None,
         ATOMIC=atomic,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 activations: no TF32 rounding
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
