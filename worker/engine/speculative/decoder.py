@@ -16,7 +16,7 @@ sequences are running.
 
 A sequence whose proposals keep failing stops proposing for a while: each verification updates
 its acceptance average (the share of its proposals kept, halved weight per step), and when that
-falls below ``MIN_ACCEPTANCE`` the sequence sits out ``8, 16, 32, 64`` steps (doubling while it
+falls below ``MIN_ACCEPTANCE`` (0.5) the sequence sits out ``8, 16, 32, 64`` steps (doubling while it
 keeps failing), then proposes once more. A verification costs a multi-token target pass (and the
 draft's passes), so proposals that are nearly always wrong make every step slower (at 8B with a 4-layer
 draft and 1% acceptance: half the speed at batch 1); backing off keeps that cost to a probe now and then.
@@ -39,7 +39,7 @@ from kvmesh.worker.engine.speculative.draft import DraftProposer
 from kvmesh.worker.engine.speculative.ngram import NgramProposer
 from kvmesh.worker.engine.speculative.rejection import accept_greedy, accept_sampled
 
-MIN_ACCEPTANCE = 0.3  # below this average share of proposals kept, a sequence backs off
+MIN_ACCEPTANCE = 0.5  # below this average share of proposals kept, a sequence backs off
 BACKOFF_STEPS = (8, 16, 32, 64)
 
 
