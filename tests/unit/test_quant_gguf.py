@@ -97,6 +97,13 @@ def test_a_missing_file_or_a_model_without_one_is_a_clear_error(tmp_path) -> Non
         resolve("gguf", object(), gguf_file=None, device=torch.device("cpu"))
 
 
+def test_auto_serves_a_gguf_files_blocks_on_a_gpu_and_expands_on_the_cpu() -> None:
+    spec = resolve("auto", object(), gguf_file="/m/x.gguf", device=torch.device("cuda"))
+    assert spec.method == "gguf" and spec.params == {"file": "/m/x.gguf"}
+    assert resolve("auto", object(), gguf_file="/m/x.gguf", device=torch.device("cpu")) is None
+    assert resolve("gguf", object(), gguf_file="/m/x.gguf", device=torch.device("cpu")).method == "gguf"
+
+
 # ----- the kernel ---------------------------------------------------------------------------
 
 
