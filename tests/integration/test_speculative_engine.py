@@ -97,7 +97,14 @@ def smol_draft_dir(smollm_dir, tmp_path_factory):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_smollm_draft_model_is_token_for_token_plain_greedy(smol_prompts, smol_reference, smol_draft_dir):
+def test_smollm_draft_model_is_token_for_token_plain_greedy(
+    smol_prompts, smol_reference, smol_draft_dir, monkeypatch
+):
+    from kvmesh.worker.engine.speculative import decoder
+
+    # An 8-layer draft is mostly wrong: it would back off after its first verifications. Keep it
+    # proposing, so every step verifies (the default back-off is exercised by the next case).
+    monkeypatch.setattr(decoder, "MIN_ACCEPTANCE", 0.0)
     llm = LLM("default", num_blocks=256, speculative_model=str(smol_draft_dir), num_speculative_tokens=3)
     # One request alone, then all together: speculating and plain decodes share steps.
     assert llm.generate(smol_prompts[0], GREEDY)[0].token_ids == smol_reference[0]

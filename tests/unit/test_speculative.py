@@ -199,16 +199,21 @@ def test_a_sequence_whose_proposals_fail_backs_off_and_probes_again():
     from kvmesh.worker.engine.speculative.decoder import BACKOFF_STEPS, MIN_ACCEPTANCE, SpeculativeDecoder
 
     spec = SpeculativeDecoder.__new__(SpeculativeDecoder)  # only the acceptance record is exercised
-    spec.tracks = {}
+    spec.tracks, spec.steps = {}, 5
     spec._track("a", 1.0)
     spec._track("a", 0.5)
-    assert spec.tracks["a"].skip == 0  # 0.75 on average: keeps proposing
-    skips = []
+    assert spec.tracks["a"].resume_at == 0  # 0.75 on average: keeps proposing
+    resumes = []
     for _ in range(6):  # every probe fails: the pause doubles up to its cap
         spec._track("a", 0.0)
-        skips.append(spec.tracks["a"].skip)
-        spec.tracks["a"].skip = 0  # the steps sat out
-    assert skips == [*BACKOFF_STEPS, BACKOFF_STEPS[-1], BACKOFF_STEPS[-1]]  # 0.375: below 0.5
+        resumes.append(spec.tracks["a"].resume_at)
+        spec.steps = spec.tracks["a"].resume_at  # the steps sat out
+    # Pauses end on multiples of their length: every sequence's probes share the same steps.
+    assert resumes == [8, 16, 32, 64, 128, 192]
+    assert all(r % min(BACKOFF_STEPS[i], 64) == 0 for i, r in enumerate(resumes[:4]))
     spec._track("a", 0.5)  # a good probe resumes at once and resets the pause
-    assert spec.tracks["a"].skip == 0 and spec.tracks["a"].failures == 0
+    assert spec.tracks["a"].failures == 0
     assert spec.tracks["a"].acceptance >= MIN_ACCEPTANCE
+    spec._track("b", 0.0)  # a new sequence: 0.5 on average, still proposing
+    spec._track("b", 0.0)
+    assert spec.tracks["b"].resume_at == 192 + 8  # its first pause is the short one

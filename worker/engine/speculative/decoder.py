@@ -16,8 +16,11 @@ sequences are running.
 
 A sequence whose proposals keep failing stops proposing for a while: each verification updates
 its acceptance average (the share of its proposals kept, halved weight per step), and when that
-falls below ``MIN_ACCEPTANCE`` (0.5) the sequence sits out ``8, 16, 32, 64`` steps (doubling while it
-keeps failing), then proposes once more. A verification costs a multi-token target pass (and the
+falls below ``MIN_ACCEPTANCE`` (0.5) the sequence sits out until the next step whose number is a
+multiple of 8, then 16, 32 and 64 while it keeps failing, and proposes once more. The pauses end on
+the same steps for every sequence, so their probes share a few verification steps and the steps
+between them stay plain decode steps (one sequence that proposes turns a whole step into a
+multi-token verification). A verification costs a multi-token target pass (and the
 draft's passes), so proposals that are nearly always wrong make every step slower (at 8B with a 4-layer
 draft and 1% acceptance: half the speed at batch 1); backing off keeps that cost to a probe now and then.
 """
@@ -48,7 +51,7 @@ class _Track:
     """One sequence's record of its verifications."""
 
     acceptance: float = 1.0
-    skip: int = 0  # steps left to sit out
+    resume_at: int = 0  # the step it may propose again
     failures: int = 0  # consecutive back-offs
 
 
@@ -84,12 +87,14 @@ class SpeculativeDecoder:
         self._drafts: dict[int, tuple[list[int], torch.Tensor | None]] = {}  # id(seq) -> this step's
         self.active = False  # this step took KV slots for proposals (the engine then rolls back)
         self.tracks: dict[str, _Track] = {}
+        self.steps = 0  # steps planned, the clock the back-offs end on
 
     # -- planning ----------------------------------------------------------
     def prepare(self, out: SchedulerOutput, num_running: int) -> bool:
         """Adds proposals to the planned step's decodes; True when any sequence has some."""
         self._drafts = {}
         self.active = False
+        self.steps += 1
         if out.num_preempted or num_running > self.disable_batch_size:
             return False
         budget = self.max_num_batched_tokens - out.total_tokens
@@ -100,8 +105,7 @@ class SpeculativeDecoder:
             if n != 1 or seq.num_computed_tokens != seq.num_tokens - 1:
                 continue  # a prefill chunk
             track = self.tracks.get(seq.request_id)
-            if track is not None and track.skip > 0:
-                track.skip -= 1
+            if track is not None and track.resume_at > self.steps:
                 continue
             p = seq.params
             room = min(
@@ -199,7 +203,8 @@ class SpeculativeDecoder:
         if track.acceptance >= MIN_ACCEPTANCE:
             track.failures = 0
             return
-        track.skip = BACKOFF_STEPS[min(track.failures, len(BACKOFF_STEPS) - 1)]
+        period = BACKOFF_STEPS[min(track.failures, len(BACKOFF_STEPS) - 1)]
+        track.resume_at = (self.steps // period + 1) * period
         track.failures += 1
         track.acceptance = MIN_ACCEPTANCE  # one good probe is enough to resume
 
