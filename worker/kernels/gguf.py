@@ -2,11 +2,13 @@
 
 ``W`` is ``uint8 [out, bytes_per_row]``: each row is ``in / block_size`` blocks of one GGML type
 exactly as the file stores them (kvmesh.worker.model.quant.gguf). Each element's byte and scale
-are addressed from its column, so one helper dequantizes any tile of rows x columns in float32:
+are addressed from its row, block and place in the block, so one helper (``_dequantize``)
+dequantizes any tile in float32:
 
 - few tokens (decode, ``M <= DECODE_MAX_TOKENS``): ``_gemv_kernel``, a program per ``BLOCK_N``
-  rows; the dequantized tile is multiplied by every token's columns and summed (no tensor cores:
-  the weights' bytes are the cost);
+  rows; each step dequantizes a ``[rows, blocks, block_size]`` tile (each block's scales loaded
+  once), multiplies it by every token's columns and sums (no tensor cores: the weights' bytes are
+  the cost);
 - more (prefill): ``_gemm_kernel``, tiles through ``tl.dot`` with the weight tile cast to the
   activations' dtype (IEEE float32 for float32 activations).
 
