@@ -36,6 +36,7 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    words_once: bool = False  # load each word once and repeat it in registers (else once per row)
 
 
 @triton.jit
@@ -66,6 +67,7 @@ def _int_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
     PRECISION: tl.constexpr,
+    WORDS_ONCE: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
@@ -96,9 +98,15 @@ def _int_matmul_kernel(
             cols = offs_k
         a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        # Each word holds PACK consecutive rows: the BLOCK_K rows read BLOCK_K / PACK distinct words
-        # per column (the repeats come from L1), then shift out their own bits.
-        words = tl.load(qw_ptr + (offs_k // PACK)[:, None] * N + offs_n[None, :], mask=mask_kn, other=0)
+        # Each word holds PACK consecutive rows; each row shifts out its own bits.
+        if WORDS_ONCE:  # BLOCK_K / PACK rows of words, repeated PACK times in registers
+            offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            mask_w = (offs_w < K // PACK)[:, None] & mask_n[None, :]
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+            words = tl.broadcast_to(words[:, None, :], (BLOCK_K // PACK, PACK, BLOCK_N))
+            words = tl.reshape(words, (BLOCK_K, BLOCK_N))
+        else:  # every row loads its word (the repeats come from L1)
+            words = tl.load(qw_ptr + (offs_k // PACK)[:, None] * N + offs_n[None, :], mask=mask_kn, other=0)
         q = (words >> ((offs_k % PACK) * BITS)[:, None]) & MAXQ
         if SCALE_PER_TILE:  # the whole tile is in one group: one row of scales and zeros
             g = k0 // group_size
@@ -209,6 +217,7 @@ def int_matmul(
         HAS_BIAS=bias is not None,
         ATOMIC=atomic,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 activations: no TF32 rounding
+        WORDS_ONCE=cfg.words_once,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
