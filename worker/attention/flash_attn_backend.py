@@ -8,7 +8,9 @@ same layout as kvmesh's). FlashAttention-2 needs the KV block size to be a
 multiple of 256 for paged caches; with smaller blocks (kvmesh's default is
 16) this backend falls back to the Triton kernels, so picking it
 automatically never breaks a configuration. Both calls align the causal mask to the bottom
-right when keys outnumber queries, which is kvmesh's cached-prefix semantics.
+right when keys outnumber queries, which is kvmesh's cached-prefix semantics. An fp8 KV cache is
+refused (get_backend never picks this backend for one; a direct call raises): flash-attn 2 reads
+16-bit caches only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class FlashAttnBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_scale: torch.Tensor | None = None,
     ) -> None:
+        _refuse_fp8(k_cache, kv_scale)
         write_kv(key, value, k_cache, v_cache, slot_mapping)
 
     def forward(
@@ -48,7 +52,9 @@ class FlashAttnBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        _refuse_fp8(k_cache, kv_scale)
         if k_cache.shape[1] % PAGED_BLOCK_MULTIPLE:
             return paged_attention(
                 query,
@@ -91,3 +97,8 @@ class FlashAttnBackend:
         cu = F.pad(torch.cumsum(seq_lens, 0, dtype=torch.int32), (1, 0))
         self._cu_seqlens_k = (seq_lens, cu)
         return cu
+
+
+def _refuse_fp8(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
+    if kv_scale is not None or k_cache.dtype == torch.float8_e4m3fn:
+        raise ValueError("the flash_attn backend cannot read an fp8 KV cache; use the triton backend")

@@ -2,7 +2,9 @@
 
 Decode-only steps gather every sequence's keys from the paged cache into one
 padded batch and run a single SDPA call; steps with prefill chunks run SDPA per
-sequence with a causal mask offset by the cached context.
+sequence with a causal mask offset by the cached context. An fp8 cache (kv_quant.py) is written
+quantized and read back as the gathered keys and values dequantized to the query's dtype, so the
+attention math is the 16-bit one over the values the cache stands for.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvmesh.worker.attention import kv_quant
 from kvmesh.worker.attention.metadata import AttentionMetadata
 
 
@@ -19,7 +22,12 @@ class TorchAttentionBackend:
     def __init__(self) -> None:
         self._checked: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping, kv_scale=None) -> None:
+        kv_quant.check_kv_scale(k_cache, kv_scale)
+        if kv_scale is not None:  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
+            key = kv_quant.quantize(key, kv_scale[0]).view(torch.uint8)
+            value = kv_quant.quantize(value, kv_scale[1]).view(torch.uint8)
+            k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
         flat_k = k_cache.view(-1, *k_cache.shape[2:])
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
         if self._checked is None or self._checked[0] is not slot_mapping:  # once per step, not per layer
@@ -31,9 +39,12 @@ class TorchAttentionBackend:
         flat_k.index_copy_(0, slot_mapping, key)
         flat_v.index_copy_(0, slot_mapping, value)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(
+        self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, kv_scale=None
+    ) -> torch.Tensor:
+        kv_quant.check_kv_scale(k_cache, kv_scale)
         if meta.max_query_len == 1:
-            return self._decode(query, k_cache, v_cache, meta, scale)
+            return self._decode(query, k_cache, v_cache, meta, scale, kv_scale)
         qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
         block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
@@ -45,6 +56,9 @@ class TorchAttentionBackend:
             blocks = meta.block_tables[b, : -(-seq_len // block_size)]
             k = k_cache.index_select(0, blocks).reshape(-1, num_kv_heads, head_dim)[:seq_len]
             v = v_cache.index_select(0, blocks).reshape(-1, num_kv_heads, head_dim)[:seq_len]
+            if kv_scale is not None:
+                k = kv_quant.dequantize(k, kv_scale[0], query.dtype)
+                v = kv_quant.dequantize(v, kv_scale[1], query.dtype)
             # Row j (position seq_len - q_len + j) sees keys 0 ..= its position.
             pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
             mask = torch.arange(seq_len, device=q.device)[None, :] <= pos_q
@@ -58,12 +72,17 @@ class TorchAttentionBackend:
             out[qsl[b] : qsl[b + 1]] = o.transpose(0, 1)
         return out
 
-    def _decode(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(
+        self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, kv_scale
+    ) -> torch.Tensor:
         block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         batch, num_heads, max_len = query.shape[0], query.shape[1], meta.max_seq_len
         tables = meta.block_tables[:, : -(-max_len // block_size)].reshape(-1)
         k = k_cache.index_select(0, tables).reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
         v = v_cache.index_select(0, tables).reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
+        if kv_scale is not None:
+            k = kv_quant.dequantize(k, kv_scale[0], query.dtype)
+            v = kv_quant.dequantize(v, kv_scale[1], query.dtype)
         mask = None
         seq_lens = meta.seq_lens_cpu
         if seq_lens is None or min(seq_lens) < max_len:  # sequences of unequal length: mask the padding

@@ -21,8 +21,9 @@ class TritonAttentionBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_scale: torch.Tensor | None = None,
     ) -> None:
-        write_kv(key, value, k_cache, v_cache, slot_mapping)
+        write_kv(key, value, k_cache, v_cache, slot_mapping, kv_scale)
 
     def forward(
         self,
@@ -31,6 +32,7 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if meta.has_decode is None:  # once per step (the first layer), kept on the step's metadata
             qsl = meta.query_start_loc_cpu
@@ -46,4 +48,5 @@ class TritonAttentionBackend:
             meta.max_seq_len,
             scale,
             has_decode=meta.has_decode,
+            kv_scale=kv_scale,
         )

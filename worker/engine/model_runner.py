@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.worker.attention import AttentionMetadata, get_backend
+from kvmesh.worker.attention import AttentionMetadata, get_backend, kv_quant
 from kvmesh.worker.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kvmesh.worker.engine.sampler import sample
 from kvmesh.worker.engine.scheduler import SchedulerOutput
@@ -40,6 +40,11 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's element type: the model's (auto) or float8 e4m3 (fp8, kv_quant.py)."""
+    return kv_quant.FP8 if name == "fp8" else model_dtype
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -77,9 +82,10 @@ class ModelRunner:
             device = rank_device(device, self.group.rank)
         self.device = device
         self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = _resolve_kv_dtype(config.kv_cache_dtype, self.dtype)
         self.hf_config = hf_config
         self.block_size = config.block_size
-        self.backend = get_backend(config.attention_backend, self.device)
+        self.backend = get_backend(config.attention_backend, self.device, config.kv_cache_dtype)
         model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
         self.max_positions = min(config.max_model_len or model_max, model_max)
         torch.manual_seed(config.seed)
@@ -102,6 +108,7 @@ class ModelRunner:
             self.group,
             self.linear_method,
         )
+        state = None
         if config.load_format == "dummy":
             self.model.init_random(config.seed)
         else:
@@ -112,6 +119,7 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_layers = len(self.model.layers)
+        self.kv_scales = self._set_kv_scales(state)  # before the profiling run, which writes fp8
         # Every rank holds the same blocks (of its own KV heads): the smallest pool any rank fits.
         self.num_blocks = self.group.min_int(config.num_blocks or self._blocks_from_memory())
         # One pool: [2 (k, v), layers, blocks, block_size, kv_heads, head_dim]. On the CPU it is
@@ -125,8 +133,15 @@ class ModelRunner:
             self.block_size,
             self.num_kv_heads,
             self.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
+        )
+        log.info(
+            "KV cache: %s, %d blocks of %d tokens (%.2f GiB)",
+            "fp8 (float8_e4m3fn)" if self.kv_scales is not None else self.kv_dtype,
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_bytes / 2**30,
         )
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
@@ -144,9 +159,24 @@ class ModelRunner:
         if self.ranks is not None:  # every rank is now waiting for steps (STOP may go on the wire)
             self.ranks.ready = True
 
+    def _set_kv_scales(self, state) -> torch.Tensor | None:
+        """An fp8 cache's per-layer scales (float32 ``[layers, 2]`` on the device, from the
+        checkpoint or 1.0), handed to each attention layer as its ``[k_scale, v_scale]`` row: made
+        once here, so steps and CUDA graphs read them where they are. Every tensor-parallel rank
+        reads the same per-layer scalars. None for a 16-bit cache."""
+        if self.kv_dtype != kv_quant.FP8:
+            return None
+        scales, source = kv_quant.scales_from_checkpoint(state or {}, self.num_layers)
+        scales = scales.to(self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.kv_scale = scales[i]
+        log.info("KV cache dtype fp8 (e4m3): per-layer k/v scales from %s", source)
+        return scales
+
     @property
     def block_bytes(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        """One block's keys and values over every layer: 1 byte an element for fp8."""
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     def _blocks_from_memory(self) -> int:
@@ -180,7 +210,7 @@ class ModelRunner:
             self.block_size,
             self.num_kv_heads,
             self.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
         meta = AttentionMetadata(

@@ -17,6 +17,11 @@ In a mixed step both kernels run on the whole batch and each skips the
 sequences that belong to the other, so no host-side regrouping is needed and
 the decode path stays capturable in a CUDA graph (the grid depends only on
 the batch size and a fixed split count).
+
+An fp8 cache (worker/attention/kv_quant.py) is read by the same kernels: each key/value tile is
+cast to the query's dtype (exact: e4m3 fits in bf16, fp16 and float32), the layer's key scale
+folds into the softmax scale and its value scale into the output, both loaded once per program
+from the ``kv_scale`` tensor.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from kvmesh.worker.attention.kv_quant import check_kv_scale
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -43,6 +50,7 @@ def _prefill_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     block_tables_ptr,
+    kv_scale_ptr,
     scale_log2,
     stride_qt,
     stride_qh,
@@ -63,6 +71,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     SKIP_DECODE: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -89,6 +98,8 @@ def _prefill_kernel(
         other=0.0,
     )
     pos = ctx_len + offs_m  # absolute position of each query row
+    if KV_SCALED:  # fp8 keys: q . (k * k_scale) = (q . k) * k_scale
+        scale_log2 = scale_log2 * tl.load(kv_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -106,8 +117,8 @@ def _prefill_kernel(
         block = tl.load(bt_row + n // BLOCK_SIZE).to(tl.int64)
         slot_k = block * stride_kb + (n % BLOCK_SIZE) * stride_kt
         slot_v = block * stride_vb + (n % BLOCK_SIZE) * stride_vt
-        k = tl.load(k_base + slot_k[:, None], mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_base + slot_v[:, None], mask=d_mask[None, :], other=0.0)
+        k = tl.load(k_base + slot_k[:, None], mask=d_mask[None, :], other=0.0).to(q.dtype)
+        v = tl.load(v_base + slot_v[:, None], mask=d_mask[None, :], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -122,8 +133,8 @@ def _prefill_kernel(
         slot_k = block * stride_kb + (n % BLOCK_SIZE) * stride_kt
         slot_v = block * stride_vb + (n % BLOCK_SIZE) * stride_vt
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + slot_k[:, None], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + slot_v[:, None], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + slot_k[:, None], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_base + slot_v[:, None], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = (n[None, :] <= pos[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -135,6 +146,8 @@ def _prefill_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
+    if KV_SCALED:
+        out = out * tl.load(kv_scale_ptr + 1)
     tl.store(
         o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
@@ -153,6 +166,7 @@ def _decode_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     block_tables_ptr,
+    kv_scale_ptr,
     scale_log2,
     stride_qt,
     stride_qh,
@@ -173,6 +187,7 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -200,6 +215,8 @@ def _decode_kernel(
         other=0.0,
     )
 
+    if KV_SCALED:
+        scale_log2 = scale_log2 * tl.load(kv_scale_ptr)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -213,8 +230,8 @@ def _decode_kernel(
         slot_k = block * stride_kb + (n % BLOCK_SIZE) * stride_kt
         slot_v = block * stride_vb + (n % BLOCK_SIZE) * stride_vt
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + slot_k[:, None], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + slot_v[:, None], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + slot_k[:, None], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_base + slot_v[:, None], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -226,6 +243,8 @@ def _decode_kernel(
 
     # An empty split (short sequence) leaves l_i == 0: weight -inf, output 0.
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    if KV_SCALED:  # before the split merge, which is linear in the parts
+        out = out * tl.load(kv_scale_ptr + 1)
     if num_splits == 1:
         tl.store(
             o_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -318,19 +337,23 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     has_decode: bool = True,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``query [T, H, D]`` over the paged cache; see ``AttentionMetadata``.
 
     ``num_splits`` fixes the decode split count; by default it follows the batch
     size and ``max_seq_len`` (a CUDA graph captures it with the rest).
     ``has_decode=False`` (no single-token sequence in a step with prefills)
-    skips the decode launch; the result is the same either way.
+    skips the decode launch; the result is the same either way. An fp8 cache takes
+    ``kv_scale``, float32 ``[k_scale, v_scale]`` on the cache's device.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
+    check_kv_scale(k_cache, kv_scale)
+    kv_scaled = kv_scale is not None
     if query.stride(-1) != 1:
         query = query.contiguous()
     if out is None:
@@ -367,6 +390,7 @@ def paged_attention(
             query_start_loc,
             seq_lens,
             block_tables,
+            kv_scale if kv_scaled else seq_lens,  # unread without scales
             scale_log2,
             query.stride(0),
             query.stride(1),
@@ -381,6 +405,7 @@ def paged_attention(
             BLOCK_N=block_n,
             SKIP_DECODE=True,
             PRECISION=precision,
+            KV_SCALED=kv_scaled,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -406,6 +431,7 @@ def paged_attention(
         query_start_loc,
         seq_lens,
         block_tables,
+        kv_scale if kv_scaled else seq_lens,
         scale_log2,
         query.stride(0),
         query.stride(1),
@@ -420,6 +446,7 @@ def paged_attention(
         BLOCK_D=block_d,
         BLOCK_N=_decode_block_n(),
         PRECISION=precision,
+        KV_SCALED=kv_scaled,
         num_warps=DECODE_CONFIG["num_warps"],
         num_stages=DECODE_CONFIG["num_stages"],
     )

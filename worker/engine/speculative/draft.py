@@ -78,7 +78,7 @@ class DraftProposer:
         r.num_blocks = num_blocks
         shape = (2, r.num_layers, num_blocks, r.block_size, r.num_kv_heads, r.head_dim)
         alloc = torch.empty if r.device.type == "cpu" else torch.zeros
-        r.kv_cache = alloc(*shape, dtype=r.dtype, device=r.device)
+        r.kv_cache = alloc(*shape, dtype=r.kv_dtype, device=r.device)  # the target's --kv-cache-dtype
         self.blocks = BlockManager(num_blocks, r.block_size, enable_prefix_caching=False)
         if r.device.type == "cuda" and not self.config.enforce_eager and r.backend.name != "torch":
             from kvmesh.worker.engine.cuda_graphs import CudaGraphRunner
