@@ -118,6 +118,8 @@ def quantize_state(
                 tensor, bits, group_size, sym=sym, desc_act=desc_act, importance=importance.get(key)
             )
         else:
+            if tensor.shape[1] % group_size:
+                raise ValueError(f"AWQ: {name} has {tensor.shape[1]} inputs, not a multiple of --group-size")
             parts = quantize_awq(tensor, group_size)
         for suffix, value in parts.items():
             out[f"{prefix}.{suffix}"] = value.contiguous()
