@@ -217,24 +217,3 @@ def test_a_sequence_whose_proposals_fail_backs_off_and_probes_again():
     spec._track("b", 0.0)  # a new sequence: 0.5 on average, still proposing
     spec._track("b", 0.0)
     assert spec.tracks["b"].resume_at == 192 + 8  # its first pause is the short one
-
-
-def test_step_costs_choose_the_cheaper_kind_per_batch_bucket_and_refresh_the_other():
-    from kvmesh.worker.engine.speculative.decoder import REFRESH_STEPS, StepCosts
-
-    costs = StepCosts()
-    assert [costs.bucket(n) for n in (1, 2, 3, 8, 9, 32)] == [1, 2, 4, 8, 16, 32]
-    assert costs.speculate(8, 1)  # nothing known: speculate, to learn its cost
-    costs.observe(True, 8, 5.0, 1)  # the first step of a kind may compile kernels: left out
-    assert costs.speculate(8, 2)
-    costs.observe(True, 8, 0.040, 10)  # 4 ms a token
-    assert not costs.speculate(8, 3)  # now plain steps, to learn theirs
-    costs.observe(False, 8, 1.0, 8)
-    costs.observe(False, 8, 0.024, 8)  # 3 ms a token: plain is cheaper at this size
-    assert not costs.speculate(7, 5)
-    assert costs.speculate(7, REFRESH_STEPS)  # but speculation is tried again now and then
-    costs.observe(True, 8, 0.010, 10)  # acceptance rose: 0.7 * 4 + 0.3 * 1 = 3.1 ms, still dearer
-    assert not costs.speculate(8, 6)
-    costs.observe(True, 8, 0.010, 10)  # 2.47 ms: cheaper now
-    assert costs.speculate(8, 7) and not costs.speculate(8, 2 * REFRESH_STEPS)
-    assert costs.speculate(1, 9)  # another bucket learns on its own

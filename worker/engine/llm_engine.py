@@ -181,8 +181,7 @@ class LLMEngine:
                 self.stats.prefix_cache_queries += seq.num_prompt_tokens
                 self.stats.prefix_cache_hits += seq.num_cached_tokens
         spec = self.speculator
-        num_running, start = len(self.scheduler.running), now
-        if spec is not None and spec.prepare(out, num_running):
+        if spec is not None and spec.prepare(out, len(self.scheduler.running)):
             # Verification: the decodes' proposals run as multi-token queries (speculative/).
             sampled, emitted, logprobs = spec.execute(out)
             self.stats.spec_decode_num_drafts = spec.stats.num_drafts
@@ -224,8 +223,6 @@ class LLMEngine:
             for seq in reversed(out.seqs):
                 self.block_manager.rollback(seq)
                 spec.after_verify(seq)
-        if spec is not None:
-            spec.observe(num_running, time.monotonic() - start, sum(len(kept) for _, kept, _ in deltas))
         for seq in out.seqs:
             self.block_manager.register_computed(seq)
         outputs = []

@@ -14,23 +14,15 @@ prefix cache only ever registers blocks of verified tokens. Sequences without pr
 sampling. The whole step skips speculation once more than ``speculative_disable_batch_size``
 sequences are running.
 
-A verification costs a multi-token target pass (and the draft's passes), so proposals that are
-nearly always wrong make every step slower (at 8B with a 4-layer draft keeping 1%: half the speed at
-batch 1). A sequence whose proposals keep failing therefore stops proposing for a while: each
-verification updates its acceptance average (the share of its proposals kept, halved weight per
-step), and when that falls below ``MIN_ACCEPTANCE`` (0.5) the sequence sits out until the next step
-whose number is a multiple of 8, then 16, 32 and 64 while it keeps failing, and proposes once more.
-The pauses end on the same steps for every sequence, so their probes share a few verification steps
-and the steps between stay plain decode steps (one sequence that proposes turns a whole step into a
-multi-token verification).
-
-Whether speculating pays at all depends on the model, the accelerator and the batch: a 135M model's
-decode step costs little more than its host work, so at 32 sequences a verification step (more host
-work, a multi-token graph) can cost more than the tokens it adds. The engine therefore times its
-steps: for pure decode steps (no prefill chunk) it keeps, per batch size bucket (powers of two), the
-average wall time per emitted token with and without speculation, and speculates in a bucket only
-while that is the cheaper of the two. Every ``REFRESH_STEPS`` steps the other kind runs once, so a
-changed situation (acceptance rising, other requests) is noticed.
+A sequence whose proposals keep failing stops proposing for a while: each verification updates
+its acceptance average (the share of its proposals kept, halved weight per step), and when that
+falls below ``MIN_ACCEPTANCE`` (0.5) the sequence sits out until the next step whose number is a
+multiple of 8, then 16, 32 and 64 while it keeps failing, and proposes once more. The pauses end on
+the same steps for every sequence, so their probes share a few verification steps and the steps
+between them stay plain decode steps (one sequence that proposes turns a whole step into a
+multi-token verification). A verification costs a multi-token target pass (and the
+draft's passes), so proposals that are nearly always wrong make every step slower (at 8B with a 4-layer
+draft and 1% acceptance: half the speed at batch 1); backing off keeps that cost to a probe now and then.
 """
 
 from __future__ import annotations
@@ -52,41 +44,6 @@ from kvmesh.worker.engine.speculative.rejection import accept_greedy, accept_sam
 
 MIN_ACCEPTANCE = 0.5  # below this average share of proposals kept, a sequence backs off
 BACKOFF_STEPS = (8, 16, 32, 64)
-REFRESH_STEPS = 32  # the kind of step not chosen runs once per this many steps
-
-
-class StepCosts:
-    """Seconds of wall time per emitted token of pure decode steps, with and without speculation,
-    averaged per batch bucket (the first step of each kind and bucket, which may compile kernels,
-    is left out)."""
-
-    def __init__(self) -> None:
-        self.avg: dict[tuple[bool, int], float] = {}
-        self.seen: dict[tuple[bool, int], int] = {}
-
-    @staticmethod
-    def bucket(num_running: int) -> int:
-        return 1 << max(num_running - 1, 0).bit_length()
-
-    def observe(self, speculated: bool, num_running: int, seconds: float, tokens: int) -> None:
-        key = (speculated, self.bucket(num_running))
-        seen = self.seen[key] = self.seen.get(key, 0) + 1
-        if seen == 1 or tokens == 0:
-            return
-        cost = seconds / tokens
-        old = self.avg.get(key)
-        self.avg[key] = cost if old is None else 0.7 * old + 0.3 * cost
-
-    def speculate(self, num_running: int, step: int) -> bool:
-        """Whether a step at this batch size should speculate."""
-        b = self.bucket(num_running)
-        spec, plain = self.avg.get((True, b)), self.avg.get((False, b))
-        if spec is None:
-            return True  # learn what it costs
-        if plain is None:
-            return False
-        chosen = spec < plain
-        return chosen != (step % REFRESH_STEPS == 0)  # now and then, the other kind
 
 
 @dataclass(slots=True)
@@ -131,8 +88,6 @@ class SpeculativeDecoder:
         self.active = False  # this step took KV slots for proposals (the engine then rolls back)
         self.tracks: dict[str, _Track] = {}
         self.steps = 0  # steps planned, the clock the back-offs end on
-        self.costs = StepCosts()
-        self.pure = False  # this step is decodes only (its time per token is comparable)
 
     # -- planning ----------------------------------------------------------
     def prepare(self, out: SchedulerOutput, num_running: int) -> bool:
@@ -140,10 +95,7 @@ class SpeculativeDecoder:
         self._drafts = {}
         self.active = False
         self.steps += 1
-        self.pure = all(n == 1 for n in out.num_tokens) and not out.num_preempted
         if out.num_preempted or num_running > self.disable_batch_size:
-            return False
-        if self.pure and not self.costs.speculate(num_running, self.steps):
             return False
         budget = self.max_num_batched_tokens - out.total_tokens
         rows, limits = [], []
@@ -242,11 +194,6 @@ class SpeculativeDecoder:
             lps.append(self._logprobs(logits[start : start + len(tokens)], seq, tokens))
         self._drafts = {}
         return sampled, emitted, lps if any(x is not None for x in lps) else None
-
-    def observe(self, num_running: int, seconds: float, tokens: int) -> None:
-        """The wall time of the step just run and the tokens it emitted."""
-        if self.pure and num_running <= self.disable_batch_size:
-            self.costs.observe(self.active, num_running, seconds, tokens)
 
     def _track(self, request_id: str, kept: float) -> None:
         track = self.tracks.get(request_id)
