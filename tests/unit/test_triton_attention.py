@@ -415,8 +415,9 @@ def test_graph_buckets_decode_and_small_prefill() -> None:
     assert key([1] * 65) is None  # above max_num_seqs: eager
     assert key([208]) == ("prefill", 224)  # a cached prompt's tail
     assert key([40] + [1] * 7) == ("prefill", 64)  # a chunk mixed with decodes
-    assert key([1] * 63 + [600]) == ("prefill", 704)  # a chunk beside every decode
-    assert key([3] * 64) == ("prefill", 192)  # speculative verification of 64 sequences
+    assert key([1] * 63 + [600]) == ("mixed", 704)  # a chunk beside every decode
+    assert key([3] * 64) == ("mixed", 192)  # speculative verification of 64 sequences
+    assert key([1] * 7 + [600]) == ("prefill", 640)  # few sequences: the small grid
     assert key([1] * 64 + [5]) is None  # more sequences than max_num_seqs
     assert key([1100]) is None  # large prefill: eager, GPU-bound anyway
     assert key([1], seq_len=2048) is None  # beyond the captured context
@@ -493,13 +494,19 @@ class _EagerGraphs(dict):
 
 
 @in_process
-def test_graph_runner_staging_matches_eager() -> None:
+@pytest.mark.parametrize("small_seqs", [8, 1])
+def test_graph_runner_staging_matches_eager(small_seqs, monkeypatch) -> None:
     """Steps staged through the runner's pinned buffers (padding, stale rows from larger
     steps, the decode graphs' LM head and argmax, prefill rows that do not sample) give the
-    logits of the plain eager forward over the same paged cache."""
+    logits of the plain eager forward over the same paged cache. With ``small_seqs`` 1 the
+    steps of several sequences take the mixed graphs (every sequence slot) and the others the
+    one-slot prefill graphs, alternating."""
     from transformers import LlamaConfig
 
+    from kvmesh.worker.engine import cuda_graphs
     from kvmesh.worker.engine.cuda_graphs import CudaGraphRunner
+
+    monkeypatch.setattr(cuda_graphs, "SMALL_SEQS", small_seqs)
     from kvmesh.worker.engine.model_runner import StepInputs
     from kvmesh.worker.model.layers import use_fused_kernels
     from kvmesh.worker.model.llama import LlamaForCausalLM
@@ -563,6 +570,7 @@ def test_graph_runner_staging_matches_eager() -> None:
         [("a", 25, 1, True), ("b", 9, 1, True), ("c", 33, 1, True)],  # decode, padded to 4
         [("b", 10, 1, True)],  # decode after a larger one: stale rows must not write
         [("c", 34, 1, False), ("a", 26, 1, True)],  # one row of two samples
+        [("b", 11, 3, True)],  # one sequence's chunk after steps of several
     ]
     with torch.inference_mode():
         for chunks in steps:

@@ -8,11 +8,17 @@ its inputs into static buffers and replays the smallest graph that fits:
 - decode graphs, one per batch size in ``capture_sizes`` (one token per
   sequence): every decode step up to ``max_num_seqs``;
 - prefill graphs, one per token count in ``PREFILL_TOKENS``, for steps of up
-  to ``max_num_seqs`` sequences: a cached prompt's short tail, a prefill
-  chunk beside every running decode (the steps that set inter-token latency
-  under load), speculative verification (several tokens per sequence). Their
-  attention grid covers the bucket and every sequence slot; padded sequences
-  have no query tokens, so the kernels skip them at once.
+  to ``SMALL_SEQS`` sequences: a cached prompt's short tail, small chunks
+  beside a few decodes;
+- mixed graphs, the same token counts for steps of up to ``max_num_seqs``
+  sequences: a prefill chunk beside every running decode (the steps that set
+  inter-token latency under load), speculative verification of a batch.
+  Their attention grid covers every sequence slot, so a step that fits a
+  prefill graph takes that one (a 200-token cached tail costs about 2 ms more
+  in a 256-slot grid on an H200 at the 8B shape).
+
+A graph's attention grid covers its bucket and its sequence slots; padded
+sequences have no query tokens, so the kernels skip them at once.
 
 Padded tokens write no KV (slot -1); padded sequences attend to nothing
 (seq_len 0); their outputs are dropped. The decode split count is fixed at
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 # Fine steps (a padded row costs a full GEMM row) up to 512, coarser up to 1024: the default
 # decode_token_budget, so a step of decodes and a prefill chunk always has a graph.
 PREFILL_TOKENS = tuple(range(32, 513, 32)) + tuple(range(576, 1025, 64))
+SMALL_SEQS = 8
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -102,6 +109,9 @@ class CudaGraphRunner:
         self.greedy = torch.empty(self.max_batch, dtype=torch.int64, device=device)
         self._staged = torch.cuda.Event() if device.type == "cuda" else None
 
+    def _seq_slots(self, kind: str) -> int:
+        return min(SMALL_SEQS, self.max_seqs) if kind == "prefill" else self.max_seqs
+
     def _meta(self, key: tuple[str, int]) -> AttentionMetadata:
         kind, n = key
         if kind == "decode":
@@ -114,9 +124,9 @@ class CudaGraphRunner:
                 max_seq_len=self.max_seq_len,
             )
         return AttentionMetadata(
-            query_start_loc=self.prefill_qsl,
-            seq_lens=self.seq_lens,
-            block_tables=self.block_tables,
+            query_start_loc=self.prefill_qsl[: self._seq_slots(kind) + 1],
+            seq_lens=self.seq_lens[: self._seq_slots(kind)],
+            block_tables=self.block_tables[: self._seq_slots(kind)],
             slot_mapping=self.slot_mapping[:n],
             max_query_len=n,
             max_seq_len=self.max_seq_len,
@@ -134,6 +144,8 @@ class CudaGraphRunner:
     def capture(self) -> None:
         start = time.perf_counter()
         keys = [("decode", b) for b in self.sizes] + [("prefill", t) for t in self.prefill_tokens]
+        if self.max_seqs > SMALL_SEQS:
+            keys += [("mixed", t) for t in self.prefill_tokens]
         pool = None
         for key in sorted(keys, key=lambda k: -k[1]):  # largest first: the smaller ones reuse its memory
             self._forward(key)  # compiles kernels and settles the allocator outside the capture
@@ -160,7 +172,8 @@ class CudaGraphRunner:
         if max_query_len == 1 and num_tokens <= self.max_batch:
             return "decode", next(s for s in self.sizes if s >= num_tokens)
         if num_tokens <= self.prefill_tokens[-1] and num_seqs <= self.max_seqs:
-            return "prefill", next(t for t in self.prefill_tokens if t >= num_tokens)
+            kind = "prefill" if num_seqs <= SMALL_SEQS else "mixed"
+            return kind, next(t for t in self.prefill_tokens if t >= num_tokens)
         return None
 
     def key_for(self, step: StepInputs) -> tuple[str, int] | None:
@@ -187,8 +200,8 @@ class CudaGraphRunner:
         self.h_slots[n:padded] = -1  # padding from an earlier, larger step must neither write nor read
         self.h_rows[:rows] = step.logits_rows
         self.h_seq_lens[:seqs] = step.seq_lens
-        self.h_seq_lens[seqs : padded if kind == "decode" else self.max_seqs] = 0
-        if kind == "prefill":
+        self.h_seq_lens[seqs : padded if kind == "decode" else self._seq_slots(kind)] = 0
+        if kind != "decode":
             self.h_qsl[: seqs + 1] = step.query_start_loc
             self.h_qsl[seqs + 1 :] = n
         for i, table in enumerate(step.block_tables):
@@ -201,7 +214,7 @@ class CudaGraphRunner:
         self.graphs[key].replay()
         if not rows:
             return None, None
-        if kind == "prefill":
+        if kind != "decode":
             hidden = self.outputs[key].index_select(0, self.logits_idx[:rows])
             return self.model.compute_logits(hidden), None
         if rows == n:  # every decode row samples (the usual case)
