@@ -60,7 +60,7 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--speculative-disable-batch-size": (
         "speculative_disable_batch_size",
         int,
-        "running sequences above which a step does not speculate (default 32)",
+        "requests in the engine (running or waiting) above which no step speculates (default 32)",
     ),
 }
 

@@ -213,7 +213,7 @@ def test_speculation_respects_the_step_budget_and_switches_off_for_large_batches
         assert engine.stats.model_tokens - before <= 6
     assert list(tokens.values()) == plain
     assert spec_stats(llm)[0] > 0
-    # Three running sequences are above a limit of 2: no step speculates.
+    # Three requests are above a limit of 2: no step speculates.
     llm = LLM(str(target), num_blocks=64, speculative_disable_batch_size=2, **spec)
     assert [o.token_ids for o in llm.generate(prompts, params)] == plain
     assert spec_stats(llm) == (0, 0)

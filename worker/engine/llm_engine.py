@@ -181,7 +181,10 @@ class LLMEngine:
                 self.stats.prefix_cache_queries += seq.num_prompt_tokens
                 self.stats.prefix_cache_hits += seq.num_cached_tokens
         spec = self.speculator
-        if spec is not None and spec.prepare(out, len(self.scheduler.running)):
+        # Speculation is off while more requests than the limit are in the engine, waiting ones
+        # included: an offline batch admitted a few prompts per step is large from its first step.
+        load = len(self.scheduler.running) + len(self.scheduler.waiting)
+        if spec is not None and spec.prepare(out, load):
             # Verification: the decodes' proposals run as multi-token queries (speculative/).
             sampled, emitted, logprobs = spec.execute(out)
             self.stats.spec_decode_num_drafts = spec.stats.num_drafts

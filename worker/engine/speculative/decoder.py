@@ -11,8 +11,8 @@ The engine then sets each sequence's computed tokens to what was verified and ca
 ``BlockManager.rollback``: blocks taken only for rejected proposals return to the pool, and the
 prefix cache only ever registers blocks of verified tokens. Sequences without proposals this step
 (prefills, or nothing to propose) are sampled by the same code path with k = 0, which is plain
-sampling. The whole step skips speculation once more than ``speculative_disable_batch_size``
-sequences are running.
+sampling. The whole step skips speculation while more than ``speculative_disable_batch_size``
+requests are in the engine (running or waiting).
 
 A sequence whose proposals keep failing stops proposing for a while: each verification updates
 its acceptance average (the share of its proposals kept, halved weight per step), and when that
@@ -90,12 +90,13 @@ class SpeculativeDecoder:
         self.steps = 0  # steps planned, the clock the back-offs end on
 
     # -- planning ----------------------------------------------------------
-    def prepare(self, out: SchedulerOutput, num_running: int) -> bool:
-        """Adds proposals to the planned step's decodes; True when any sequence has some."""
+    def prepare(self, out: SchedulerOutput, num_requests: int) -> bool:
+        """Adds proposals to the planned step's decodes; True when any sequence has some.
+        ``num_requests``: the engine's requests, running and waiting."""
         self._drafts = {}
         self.active = False
         self.steps += 1
-        if out.num_preempted or num_running > self.disable_batch_size:
+        if out.num_preempted or num_requests > self.disable_batch_size:
             return False
         budget = self.max_num_batched_tokens - out.total_tokens
         rows, limits = [], []
