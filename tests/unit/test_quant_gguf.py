@@ -97,10 +97,11 @@ def test_a_missing_file_or_a_model_without_one_is_a_clear_error(tmp_path) -> Non
         resolve("gguf", object(), gguf_file=None, device=torch.device("cpu"))
 
 
-def test_auto_serves_a_gguf_files_blocks_on_a_gpu_and_expands_on_the_cpu() -> None:
-    spec = resolve("auto", object(), gguf_file="/m/x.gguf", device=torch.device("cuda"))
+def test_auto_expands_a_gguf_file_and_gguf_serves_its_blocks() -> None:
+    for device in ("cuda", "cpu"):  # auto expands until the kernel has run compiled on a GPU
+        assert resolve("auto", object(), gguf_file="/m/x.gguf", device=torch.device(device)) is None
+    spec = resolve("gguf", object(), gguf_file="/m/x.gguf", device=torch.device("cuda"))
     assert spec.method == "gguf" and spec.params == {"file": "/m/x.gguf"}
-    assert resolve("auto", object(), gguf_file="/m/x.gguf", device=torch.device("cpu")) is None
     assert resolve("gguf", object(), gguf_file="/m/x.gguf", device=torch.device("cpu")).method == "gguf"
 
 
@@ -322,11 +323,11 @@ def test_smollm2_gguf_on_the_cpu_gives_the_dense_greedy_tokens_and_close_logits(
 
 
 @cuda_only
-def test_smollm2_on_cuda_under_auto_serves_the_blocks() -> None:
+def test_smollm2_on_cuda_serves_the_blocks() -> None:
     from kvmesh.worker import LLM, SamplingParams
     from kvmesh.worker.model.quant.quality import next_token_logits
 
-    auto = LLM("default", quantization="auto", device="cuda", dtype="float32", enforce_eager=False)
+    auto = LLM("default", quantization="gguf", device="cuda", dtype="float32", enforce_eager=False)
     dense = LLM("default", quantization="none", device="cuda", dtype="float32")
     assert auto.engine.runner.model.layers[0].mlp.down_proj.qtype == T.Q4_1
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

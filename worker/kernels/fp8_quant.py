@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-MIN_AMAX = 1e-12
+# The kernel writes these as literals: compiled Triton reads no plain module globals in a kernel.
+FP8_MAX = 448.0  # the largest finite E4M3 value
+MIN_AMAX = 1e-12  # an all-zero row still gets a finite scale
 
 
 @triton.jit
@@ -47,11 +48,11 @@ def _quantize_rows_kernel(
             offs = start + tl.arange(0, BLOCK)
             v = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), MIN_AMAX), FP8_MAX)
+        scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)  # MIN_AMAX, FP8_MAX
     for start in range(0, cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         v = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX), FP8_MAX)
+        y = tl.minimum(tl.maximum(tl.div_rn(v, scale), -448.0), 448.0)
         tl.store(q_ptr + row * stride_q + offs, _round_e4m3(y).to(q_ptr.dtype.element_ty), mask=offs < cols)
     tl.store(scale_ptr + row, scale)
 
