@@ -204,6 +204,9 @@ def test_kernel_cases_in_interpreter_subprocess() -> None:
 
 def _kernel_check(layer: QuantLinear, x: torch.Tensor, config: LaunchConfig | None, bias=None) -> None:
     m = layer.method
+    layer.to(DEVICE)  # the layers are built on the CPU; with CUDA the kernel runs compiled there
+    x = x.to(DEVICE)
+    bias = None if bias is None else bias.to(DEVICE)
     out = int_matmul(
         x,
         layer.w_packed,
@@ -242,7 +245,7 @@ def test_kernel_matches_dequantize_then_matmul(case, tokens, config) -> None:
     layer = _layer(method, params, 256, 96, _checkpoint_tensors(method, params, weight))
     x = torch.randn(tokens, 256, generator=gen)
     bias = torch.randn(96, generator=gen) if config == "split-k" else None
-    _kernel_check(layer, x.to(DEVICE), CONFIGS[config], bias)
+    _kernel_check(layer, x, CONFIGS[config], bias)
 
 
 @kernel_case
