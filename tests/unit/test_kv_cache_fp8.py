@@ -17,36 +17,15 @@ Without CUDA the kernels run in Triton's interpreter, set up as in test_triton_a
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-CUDA = torch.cuda.is_available()
+from kernel_mode import CUDA, DELEGATE, run_in_interpreter  # noqa: E402 (before triton: see kernel_mode)
+
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
-triton = pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
-if INTERPRETED:
-    import triton.runtime.interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_numpy2(tensor, scope) -> None:
-        # As in test_triton_attention.py: Triton 3.6's interpreter and NumPy >= 2.4.
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy2
-DELEGATE = not CUDA and not INTERPRETED  # triton already imported compiled: a child pytest runs them
 kernel_case = pytest.mark.skipif(DELEGATE, reason="run by test_kernel_cases_in_interpreter_subprocess")
 cuda_only = pytest.mark.skipif(not CUDA, reason="compiled kernels at real shapes need CUDA")
 
@@ -63,14 +42,7 @@ QUERY_DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 @pytest.mark.skipif(not DELEGATE, reason="the kernel cases run in this process")
 def test_kernel_cases_in_interpreter_subprocess() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not engine",
-         str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_in_interpreter(__file__, "-k", "not engine")
 
 
 class Fp8Batch:

@@ -8,37 +8,17 @@ the emulation."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kernel_mode import CUDA, DELEGATE, run_in_interpreter
 from safetensors.torch import save_file
 
 from kvmesh.worker.model.quant import QuantLinear, QuantSpec
 from kvmesh.worker.model.quant.fp8 import FP8, Fp8LinearMethod, Fp8Scheme, quantize_rows, quantize_static
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported (as in test_triton_attention)
-import triton  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
-if INTERPRETED:
-    import triton.runtime.interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_numpy2(tensor, scope) -> None:  # NumPy >= 2.4 (see test_triton_attention)
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy2
-DELEGATE = not CUDA and not INTERPRETED  # triton was imported compiled: the kernel runs in a child
 FP8_MAX = 448.0
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
@@ -177,16 +157,7 @@ def test_quantize_kernel_gives_the_emulations_bits(rows: int, cols: int) -> None
 
 @pytest.mark.skipif(not DELEGATE, reason="the kernel test runs in this process")
 def test_quantize_kernel_in_interpreter_subprocess() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-         "-k", "quantize_kernel_gives"],
-        cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_in_interpreter(__file__, "-k", "quantize_kernel_gives")
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

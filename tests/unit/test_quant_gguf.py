@@ -13,9 +13,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import (see test_triton_attention)
-triton = pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from kernel_mode import CUDA, DELEGATE, run_in_interpreter  # noqa: E402 (before triton: see kernel_mode)
 
-INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
-if INTERPRETED:
-    import triton.runtime.interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_numpy2(tensor, scope) -> None:  # as in test_triton_attention
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy2
-DELEGATE = not CUDA and not INTERPRETED  # triton was imported compiled: kernels run in a child
 kernel_case = pytest.mark.skipif(DELEGATE, reason="run by test_kernel_cases_in_interpreter_subprocess")
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -110,16 +91,7 @@ def test_auto_expands_a_gguf_file_and_gguf_serves_its_blocks() -> None:
 
 @pytest.mark.skipif(not DELEGATE, reason="the cases run in this process")
 def test_kernel_cases_in_interpreter_subprocess() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__],
-        cwd=Path(__file__).resolve().parents[2],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_in_interpreter(__file__, "-k", "kernel")
 
 
 def _check_kernel(blocks: torch.Tensor, qtype, tokens: int, dtype, atol: float) -> None:

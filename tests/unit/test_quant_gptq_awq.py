@@ -11,9 +11,6 @@ small shapes (float32 and float16; the interpreter's bfloat16 is not faithful); 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,26 +18,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-CUDA = torch.cuda.is_available()
+from kernel_mode import CUDA, DELEGATE, run_in_interpreter  # noqa: E402 (before triton: see kernel_mode)
+
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
-triton = pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
-if INTERPRETED:
-    import triton.runtime.interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_numpy2(tensor, scope) -> None:
-        # As in test_triton_attention: NumPy >= 2.4 refuses int() of a one-element 1-d array.
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy2
-DELEGATE = not CUDA and not INTERPRETED  # triton was imported compiled: kernel cases run in a child
 kernel_case = pytest.mark.skipif(DELEGATE, reason="run by test_kernel_cases_in_interpreter_subprocess")
 cuda_only = pytest.mark.skipif(not CUDA, reason="the compiled kernel at real shapes needs CUDA")
 
@@ -189,17 +169,7 @@ def test_repacked_layer_dequantizes_to_the_tools_reference(case) -> None:
 
 @pytest.mark.skipif(not DELEGATE, reason="the kernel cases run in this process")
 def test_kernel_cases_in_interpreter_subprocess() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", str(Path(__file__))],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_in_interpreter(__file__, "-k", "kernel")
 
 
 def _kernel_check(layer: QuantLinear, x: torch.Tensor, config: LaunchConfig | None, bias=None) -> None:

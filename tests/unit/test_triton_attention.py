@@ -10,42 +10,16 @@ output) with NaN, so a read of an unwritten slot or an unwritten output shows up
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-CUDA = torch.cuda.is_available()
+from kernel_mode import CUDA, DELEGATE, run_in_interpreter  # noqa: E402 (before triton: see kernel_mode)
+
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-if not CUDA and "triton" not in sys.modules:
-    # Triton reads this when each @jit function is defined, its own library's
-    # too, so it must be set before triton is first imported.
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
-if INTERPRETED:
-    import triton.runtime.interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_numpy2(tensor, scope) -> None:
-        # Triton 3.6's interpreter turns a scalar into an index with int() on a
-        # one-element 1-d array, which NumPy >= 2.4 rejects (range(0, n) in a
-        # kernel fails); .item() accepts it.
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy2
-# Without CUDA, and with triton already imported compiled by an earlier test module
-# (transformers' Llama imports it), the cases run in a child pytest instead.
-DELEGATE = not CUDA and not INTERPRETED
 in_process = pytest.mark.skipif(DELEGATE, reason="run by test_cases_in_interpreter_subprocess")
 
 from kvmesh.worker.attention.metadata import AttentionMetadata  # noqa: E402
@@ -61,17 +35,7 @@ real_shape = pytest.mark.skipif(not CUDA, reason="real shapes need CUDA")
 
 @pytest.mark.skipif(not DELEGATE, reason="the cases run in this process")
 def test_cases_in_interpreter_subprocess() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_in_interpreter(__file__)
 
 
 @in_process
