@@ -64,16 +64,7 @@ def prefill_logits(model, group: ParallelGroup, ids: list[int]) -> torch.Tensor:
     n = len(ids)
     blocks = -(-n // BLOCK)
     cache = torch.zeros(2, len(model.layers), blocks, BLOCK, attn.num_kv_heads, attn.head_dim)
-    meta = AttentionMetadata(
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        seq_lens=torch.tensor([n], dtype=torch.int32),
-        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        slot_mapping=torch.arange(n),
-        max_query_len=n,
-        max_seq_len=n,
-        query_start_loc_cpu=[0, n],
-        seq_lens_cpu=[n],
-    )
+    meta = AttentionMetadata.whole_prompt(n, BLOCK)
     with torch.inference_mode():
         hidden = model(torch.tensor(ids), torch.arange(n), cache, meta)
         return model.compute_logits(hidden)

@@ -576,13 +576,7 @@ def test_the_torch_backend_on_a_gpu_runs_no_triton_kernel_and_matches_the_triton
     logits = {}
     for name, model in models.items():
         cache = torch.zeros(2, 2, 4, 16, 2, 16, device=DEVICE)
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=DEVICE),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=DEVICE),
-            block_tables=torch.tensor([[0]], dtype=torch.int32, device=DEVICE),
-            slot_mapping=torch.arange(n, device=DEVICE),
-            max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n],
-        )  # fmt: skip
+        meta = AttentionMetadata.whole_prompt(n, 16, DEVICE)
         ids = torch.arange(3, 3 + n, device=DEVICE)
         with torch.inference_mode():
             logits[name] = model.compute_logits(model(ids, torch.arange(n, device=DEVICE), cache, meta))

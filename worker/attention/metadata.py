@@ -38,6 +38,23 @@ class AttentionMetadata:
     rope_rows: tuple[torch.Tensor, torch.Tensor] | None = None
     has_decode: bool | None = None
 
+    @classmethod
+    def whole_prompt(cls, n: int, block_size: int, device=None) -> AttentionMetadata:
+        """One sequence of ``n`` new tokens and no cached ones, in blocks ``0, 1, ...`` of a cache of
+        its own (slot t holds token t): a forward over a whole prompt outside the scheduler (memory
+        profiling, teacher-forced logits, tests)."""
+        blocks = -(-n // block_size)
+        return cls(
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None],
+            slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
+            max_query_len=n,
+            max_seq_len=n,
+            query_start_loc_cpu=[0, n],
+            seq_lens_cpu=[n],
+        )
+
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]

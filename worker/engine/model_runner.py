@@ -213,16 +213,7 @@ class ModelRunner:
             dtype=self.kv_dtype,
             device=self.device,
         )
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            block_tables=torch.arange(dummy_cache.shape[2], dtype=torch.int32, device=self.device)[None],
-            slot_mapping=torch.arange(n, dtype=torch.int64, device=self.device),
-            max_query_len=n,
-            max_seq_len=n,
-            query_start_loc_cpu=[0, n],
-            seq_lens_cpu=[n],
-        )
+        meta = AttentionMetadata.whole_prompt(n, self.block_size, self.device)
         with torch.inference_mode():
             ids = torch.zeros(n, dtype=torch.long, device=self.device)
             hidden = self.model(ids, torch.arange(n, device=self.device), dummy_cache, meta)

@@ -56,16 +56,7 @@ def next_token_logits(llm, token_ids: list[int]) -> torch.Tensor:
     pool = runner.kv_cache
     blocks = -(-n // bs)
     cache = pool.new_zeros((pool.shape[0], pool.shape[1], blocks, *pool.shape[3:]))
-    meta = AttentionMetadata(
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None],
-        slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
-        max_query_len=n,
-        max_seq_len=n,
-        query_start_loc_cpu=[0, n],
-        seq_lens_cpu=[n],
-    )
+    meta = AttentionMetadata.whole_prompt(n, bs, device)
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)
     hidden = runner.model(ids, torch.arange(n, device=device), cache, meta)
     return runner.model.compute_logits(hidden).float().cpu()
