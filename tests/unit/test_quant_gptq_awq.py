@@ -24,7 +24,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 kernel_case = pytest.mark.skipif(DELEGATE, reason="run by test_kernel_cases_in_interpreter_subprocess")
 cuda_only = pytest.mark.skipif(not CUDA, reason="the compiled kernel at real shapes needs CUDA")
 
-from kvmesh.worker.kernels.quant_int import LaunchConfig, choose_config, int_matmul  # noqa: E402
+from kvmesh.worker.kernels.quant_int import LaunchConfig, choose_config  # noqa: E402
 from kvmesh.worker.model.quant import QuantLinear, QuantSpec, method_for  # noqa: E402
 from kvmesh.worker.model.quant.awq import quantize_awq  # noqa: E402
 from kvmesh.worker.model.quant.gptq import quantize_gptq  # noqa: E402
@@ -177,18 +177,7 @@ def _kernel_check(layer: QuantLinear, x: torch.Tensor, config: LaunchConfig | No
     layer.to(DEVICE)  # the layers are built on the CPU; with CUDA the kernel runs compiled there
     x = x.to(DEVICE)
     bias = None if bias is None else bias.to(DEVICE)
-    out = int_matmul(
-        x,
-        layer.w_packed,
-        layer.w_scales,
-        layer.w_zeros,
-        bits=m.bits,
-        group_size=layer.group_size,
-        perm=layer.w_perm,
-        group_idx=layer.w_groups,
-        bias=bias,
-        config=config,
-    )
+    out = m.kernel_matmul(layer, x, bias, config)
     dense = m.dequantize(layer).to(x.dtype)  # the CPU path: dequantize, round to x's dtype, multiply
     ref = x.float() @ dense.float().t() + (0 if bias is None else bias.float())
     assert out.dtype == x.dtype and out.shape == ref.shape

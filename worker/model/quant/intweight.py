@@ -216,21 +216,27 @@ class IntWeightMethod(LinearMethod):
             w = dense
         return w.t()
 
+    def kernel_matmul(self, layer: QuantLinear, x: torch.Tensor, bias=None, config=None) -> torch.Tensor:
+        """``x @ W^T (+ bias)`` through the fused Triton kernel over the repacked tensors
+        (``config``: a kernel LaunchConfig, default chosen by the kernel)."""
+        from kvmesh.worker.kernels.quant_int import int_matmul
+
+        return int_matmul(
+            x,
+            layer.w_packed,
+            layer.w_scales,
+            layer.w_zeros,
+            bits=self.bits,
+            group_size=layer.group_size,
+            perm=layer.w_perm,
+            group_idx=layer.w_groups,
+            bias=bias,
+            config=config,
+        )
+
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from kvmesh.worker.kernels.quant_int import int_matmul
-
-            return int_matmul(
-                x,
-                layer.w_packed,
-                layer.w_scales,
-                layer.w_zeros,
-                bits=self.bits,
-                group_size=layer.group_size,
-                perm=layer.w_perm,
-                group_idx=layer.w_groups,
-                bias=layer.bias,
-            )
+            return self.kernel_matmul(layer, x, layer.bias)
         # The reference: dequantize, then multiply in the activation's dtype. The dense weight is
         # kept after the first product (the CPU serves tests and references, not memory savings).
         dense = getattr(layer, "cpu_dense", None)
