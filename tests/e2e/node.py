@@ -229,6 +229,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for _attempt in range(2):
             missing = self._import_built(self._build_images())
             if not missing:
+                self._drop_unnamed_images()
                 return
             # Imported into a containerd store that has since gone: forget them and build them again.
             for stamp in missing:
@@ -267,6 +268,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 if old.startswith(f"kvmesh.local/built/{short}:") and old != marker:
                     self.ctr("images", "rm", old, check=False)
         return missing
+
+    def _drop_unnamed_images(self) -> None:
+        """Removes ``sha256:<id>`` references that no named image shares a digest with. containerd's
+        CRI plugin keeps such a reference to every image it has seen, so once a new build takes a
+        name, that reference alone would keep the old build's layers (5 GB for the worker) forever."""
+        rows = [line.split() for line in self.ctr("images", "ls").splitlines()[1:]]
+        named = {row[2] for row in rows if len(row) > 2 and not row[0].startswith("sha256:")}
+        stale = [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named]
+        if stale:
+            self.ctr("images", "rm", *stale, check=False)
 
     # ---- Kubernetes components -------------------------------------------------------------------
     def _start_scheduler(self) -> None:
