@@ -98,12 +98,83 @@ def quantize_gptq(
     else:
         g_idx = torch.arange(in_f, device=weight.device, dtype=torch.int32) // size
     q, scales, zeros = quantize_rtn(weight, bits, group_size, sym=sym, style="gptq", g_idx=g_idx)
+    return gptq_tensors(q, scales, zeros, g_idx, bits)
+
+
+def gptq_tensors(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor]:
+    """Integer codes ``q [in, out]``, ``scales``/``zeros [groups, out]`` (zeros >= 1, as
+    quantize_rtn makes them) and ``g_idx [in]`` packed as GPTQ v1 tensors."""
     return {
         "qweight": pack_rows(q, bits),
-        "qzeros": pack_cols(zeros - 1, bits),  # v1: zero - 1 (quantize_rtn keeps zeros >= 1)
+        "qzeros": pack_cols(zeros - 1, bits),  # v1 stores zero - 1
         "scales": scales,
-        "g_idx": g_idx,
+        "g_idx": g_idx.to(torch.int32),
     }
+
+
+def quantize_gptq_calibrated(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    sym: bool = True,
+    desc_act: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+) -> dict[str, torch.Tensor]:
+    """A dense ``[out, in]`` weight as GPTQ v1 tensors by GPTQ's error-compensating rounding
+    (Frantar et al. 2022) against ``hessian = X^T X [in, in]`` of the layer's inputs (any positive
+    multiple of it gives the same result).
+
+    Columns are rounded one at a time; each one's rounding error, divided by its pivot of the
+    upper Cholesky factor of ``H^-1``, is spread over the columns not yet rounded (exactly within a
+    block of ``block_size`` columns, once per block beyond it), which minimizes ``||X (W - Q)^T||``
+    greedily. ``damp_percent`` of the mean diagonal is added to ``H``'s diagonal; inputs never seen
+    (a zero diagonal) get weight 0. A group's scale and zero are computed (quantize_rtn's grid) from
+    its columns as they stand when its first column is reached; ``group_size -1`` takes one group
+    from the whole weight. Under ``desc_act`` columns go in decreasing ``diag(H)`` and each run of
+    ``group_size`` of them is a group: layers sharing ``hessian`` get the same ``g_idx``."""
+    out_f, in_f = weight.shape
+    size = in_f if group_size == -1 else group_size
+    maxq = (1 << bits) - 1
+    w = weight.detach().float().clone()
+    h = hessian.detach().double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    if desc_act:
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+    else:
+        order = torch.arange(in_f)
+    h += damp_percent * torch.diagonal(h).mean() * torch.eye(in_f, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    q = torch.empty(in_f, out_f, dtype=torch.int32)
+    scales, zeros = [], []
+    for start in range(0, in_f, block_size):
+        end = min(start + block_size, in_f)
+        block, errors = w[:, start:end].clone(), torch.empty(out_f, end - start)
+        for i in range(end - start):
+            col = start + i
+            if col % size == 0:  # a group starts: its grid from its columns as updated so far
+                group = torch.cat([block[:, i:], w[:, end : col + size]], dim=1)[:, :size]
+                _, scale, zero = quantize_rtn(group, bits, -1, sym=sym, style="gptq")
+                scales.append(scale[0])
+                zeros.append(zero[0])
+            scale, zero = scales[-1].float(), zeros[-1]
+            codes = (torch.round(block[:, i] / scale) + zero).clamp(0, maxq)
+            q[col] = codes.to(torch.int32)
+            errors[:, i] = (block[:, i] - (codes - zero) * scale) / u[col, col]
+            block[:, i:] -= errors[:, i : i + 1] * u[col, col:end][None, :]
+        w[:, end:] -= errors @ u[start:end, end:]
+    g_idx = torch.empty(in_f, dtype=torch.int32)
+    g_idx[order] = (torch.arange(in_f) // size).to(torch.int32)
+    codes = torch.empty_like(q)
+    codes[order] = q
+    return gptq_tensors(codes, torch.stack(scales), torch.stack(zeros), g_idx, bits)
 
 
 METHOD = GPTQMethod

@@ -1,16 +1,19 @@
 """Writes a GPTQ or AWQ checkpoint of a dense Hugging Face model directory::
 
     python -m kvmesh.worker.model.quant.make_checkpoint --method gptq|awq --bits 4 --group-size 128 \\
-        [--desc-act] [--no-sym] SRC_DIR DST_DIR
+        [--desc-act] [--no-sym] [--calibration FILE] [--calibration-seqs N] [--calibration-len L] \\
+        [--damp-percent P] [--rtn] SRC_DIR DST_DIR
 
-The weights are rounded to nearest (no calibration data: not GPTQ's error-compensating updates nor
-AWQ's activation-aware scale search), then packed and named exactly as AutoGPTQ/GPTQModel
-(format v1, ``checkpoint_format: gptq``) and AutoAWQ (GEMM) write them: the seven linear layers of
-every decoder layer become ``qweight``/``qzeros``/``scales`` (+ ``g_idx`` for GPTQ) in float16
-scales and int32 words, biases float16; the embedding, norms and LM head are copied unchanged.
-``--desc-act`` orders GPTQ's groups by the input features' weight norms (real GPTQ uses the
-Hessian's diagonal from calibration data; the format is the same). config.json gets the tools'
-``quantization_config``; tokenizer and generation files are copied.
+GPTQ is calibrated by default: GPTQ's error-compensating rounding against the Hessians of each
+layer's inputs on calibration text (calibration.py; default text: the repository's docs), with
+``--desc-act`` ordering columns by the Hessian's diagonal. ``--rtn`` rounds to nearest instead
+(``--desc-act`` then orders by the input features' weight norms), and AWQ is always rounded to
+nearest (no activation-aware scale search). Either way the tensors are packed and named exactly as
+AutoGPTQ/GPTQModel (format v1, ``checkpoint_format: gptq``) and AutoAWQ (GEMM) write them: the
+seven linear layers of every decoder layer become ``qweight``/``qzeros``/``scales`` (+ ``g_idx``
+for GPTQ) in float16 scales and int32 words, biases float16; the embedding, norms and LM head are
+copied unchanged. config.json gets the tools' ``quantization_config``; tokenizer and generation
+files are copied.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from pathlib import Path
 
 import torch
 
+from kvmesh.worker.model.quant.calibration import SHARED_INPUT, Calibration, calibrate_gptq
+
 LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)")
-# Layers that read the same input share GPTQ's act-order (the tools quantize them from one Hessian).
-SHARED_INPUT = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv"}
-SHARED_INPUT |= {"mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up"}
+DEFAULT = Calibration()
 SKIPPED_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json", "quant_config.json")
 
 
-def quantization_config(method: str, bits: int, group_size: int, desc_act: bool, sym: bool) -> dict:
+def quantization_config(
+    method: str, bits: int, group_size: int, desc_act: bool, sym: bool, quantizer: str, damp_percent: float
+) -> dict:
     if method == "gptq":
         return {
             "quant_method": "gptq",
@@ -39,13 +44,13 @@ def quantization_config(method: str, bits: int, group_size: int, desc_act: bool,
             "group_size": group_size,
             "desc_act": desc_act,
             "sym": sym,
-            "damp_percent": 0.01,
+            "damp_percent": damp_percent,
             "static_groups": False,
             "true_sequential": True,
             "checkpoint_format": "gptq",
             "model_name_or_path": None,
             "model_file_base_name": "model",
-            "meta": {"quantizer": ["kvmesh make_checkpoint (round-to-nearest)"]},
+            "meta": {"quantizer": [quantizer]},
         }
     return {
         "quant_method": "awq",
@@ -89,14 +94,22 @@ def _read_dense(src: Path) -> dict[str, torch.Tensor]:
 
 
 def quantize_state(
-    state: dict[str, torch.Tensor], method: str, bits: int, group_size: int, desc_act: bool, sym: bool
+    state: dict[str, torch.Tensor],
+    method: str,
+    bits: int,
+    group_size: int,
+    desc_act: bool,
+    sym: bool,
+    calibrated: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors: every decoder linear layer quantized, the rest as they are."""
+    """The checkpoint's tensors: every decoder linear layer quantized (``calibrated``: GPTQ's
+    tensors by layer name from calibration.calibrate_gptq; else rounded to nearest), the rest as
+    they are."""
     from kvmesh.worker.model.quant.awq import quantize_awq
     from kvmesh.worker.model.quant.gptq import quantize_gptq
 
     importance: dict[tuple[str, str], torch.Tensor] = {}
-    if desc_act:  # one order per input: the column norms of every layer that reads it
+    if desc_act and calibrated is None:  # one order per input: the column norms of every layer that reads it
         for name, weight in state.items():
             match = LINEAR.fullmatch(name)
             if match and match[4] == "weight":
@@ -112,7 +125,9 @@ def quantize_state(
         if match[4] == "bias":
             out[name] = tensor.to(torch.float16)
             continue
-        if method == "gptq":
+        if calibrated is not None:
+            parts = calibrated[prefix]
+        elif method == "gptq":
             key = (match[1], SHARED_INPUT.get(match[2], match[2]))
             parts = quantize_gptq(
                 tensor, bits, group_size, sym=sym, desc_act=desc_act, importance=importance.get(key)
@@ -127,21 +142,38 @@ def quantize_state(
 
 
 def make_checkpoint(
-    src: Path, dst: Path, method: str, bits: int, group_size: int, desc_act: bool = False, sym: bool = True
+    src: Path,
+    dst: Path,
+    method: str,
+    bits: int,
+    group_size: int,
+    desc_act: bool = False,
+    sym: bool = True,
+    calibration: Calibration | None = None,
 ) -> Path:
-    """Writes the quantized checkpoint of ``src`` into ``dst`` (created); returns ``dst``."""
+    """Writes the quantized checkpoint of ``src`` into ``dst`` (created); returns ``dst``.
+    ``calibration`` (GPTQ only) calibrates it; None rounds to nearest."""
     from safetensors.torch import save_file
 
     check_settings(method, bits, group_size, desc_act, sym)
+    if calibration is not None and method != "gptq":
+        raise ValueError("calibration is for GPTQ; AWQ checkpoints are rounded to nearest")
     config = json.loads((src / "config.json").read_text())
     if config.get("quantization_config"):
         raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
-    state = quantize_state(_read_dense(src), method, bits, group_size, desc_act, sym)
+    calibrated, quantizer, damp_percent = None, "kvmesh make_checkpoint (round-to-nearest)", 0.01
+    if calibration is not None:
+        calibrated, used = calibrate_gptq(src, calibration, bits, group_size, sym=sym, desc_act=desc_act)
+        quantizer = (
+            f"kvmesh make_checkpoint (gptq, {used} calibration sequences of {calibration.sequence_length})"
+        )
+        damp_percent = calibration.damp_percent
+    state = quantize_state(_read_dense(src), method, bits, group_size, desc_act, sym, calibrated)
     dst.mkdir(parents=True, exist_ok=True)
     for path in src.iterdir():  # tokenizer, chat template, generation config
         if path.is_file() and path.suffix != ".safetensors" and path.name not in SKIPPED_FILES:
             shutil.copy2(path, dst / path.name)
-    qc = quantization_config(method, bits, group_size, desc_act, sym)
+    qc = quantization_config(method, bits, group_size, desc_act, sym, quantizer, damp_percent)
     config["quantization_config"] = qc
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if method == "gptq":  # AutoGPTQ also writes its settings on their own
@@ -161,16 +193,52 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--desc-act", action="store_true", help="GPTQ act-order groups")
     parser.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="GPTQ symmetric")
+    parser.add_argument("--rtn", action="store_true", help="GPTQ rounded to nearest, not calibrated")
+    parser.add_argument("--calibration", type=Path, help="GPTQ calibration text (default: docs/*.md)")
+    parser.add_argument(
+        "--calibration-seqs", type=int, help=f"calibration sequences (default {DEFAULT.num_sequences})"
+    )
+    parser.add_argument(
+        "--calibration-len", type=int, help=f"tokens a sequence (default {DEFAULT.sequence_length})"
+    )
+    parser.add_argument(
+        "--damp-percent", type=float, help=f"GPTQ dampening, of mean diag(H) (default {DEFAULT.damp_percent})"
+    )
+    parser.add_argument(
+        "--calibration-chat",
+        action=argparse.BooleanOptionalAction,
+        help="start each sequence with the chat template's user prefix (default: yes)",
+    )
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
     args = parser.parse_args(argv)
     try:
-        make_checkpoint(args.src, args.dst, args.method, args.bits, args.group_size, args.desc_act, args.sym)
+        calibration = _calibration(args)
+        make_checkpoint(
+            args.src, args.dst, args.method, args.bits, args.group_size, args.desc_act, args.sym, calibration
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"make_checkpoint: {e}", file=sys.stderr)
         return 2
     print(f"Wrote {args.method} {args.bits}-bit checkpoint to {args.dst}")
     return 0
+
+
+def _calibration(args: argparse.Namespace) -> Calibration | None:
+    """The calibration the flags ask for: GPTQ without --rtn; unset flags keep Calibration's defaults."""
+    given = {
+        "text_file": args.calibration,
+        "num_sequences": args.calibration_seqs,
+        "sequence_length": args.calibration_len,
+        "damp_percent": args.damp_percent,
+        "chat": args.calibration_chat,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.method != "gptq" or args.rtn:
+        if given:
+            raise ValueError("--calibration* and --damp-percent calibrate GPTQ (not with AWQ or --rtn)")
+        return None
+    return Calibration(**given)
 
 
 if __name__ == "__main__":
